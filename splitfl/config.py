@@ -1,0 +1,97 @@
+"""Typed run configuration, parsed from YAML and the command line by jsonargparse.
+
+Dataclasses give every key a type, a default and a docstring; jsonargparse
+rejects unknown keys, so a typo in a YAML file is an error rather than a
+silently ignored setting.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+# Environment variable naming a folder of MedMNIST ``.npz`` files.
+MEDMNIST_DIR_ENV = "SPLITFL_MEDMNIST_DIR"
+
+
+@dataclass
+class PartitionConfig:
+    """How the training split is divided among simulated hospitals (sites)."""
+
+    scheme: Literal["iid", "dirichlet", "quantity", "natural"] = "iid"
+    num_sites: int = 4
+    alpha: float = 0.5  # Dirichlet concentration (label skew for 'dirichlet', sizes for 'quantity')
+    min_site_size: int = 10
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from."""
+
+    source: Literal["synthetic", "medmnist", "folder"] = "synthetic"
+    # synthetic: which modality to generate and how many images per split
+    modality: Literal["xray", "fundus", "histology"] = "xray"
+    n_train: int = 2000
+    n_val: int = 400
+    n_test: int = 600
+    # medmnist: dataset flag (e.g. pneumoniamnist) and folder of .npz files
+    flag: str = "pneumoniamnist"
+    root: Optional[str] = None  # default: $SPLITFL_MEDMNIST_DIR
+    size: int = 28
+    # folder: CSV manifest with columns path,label[,site][,split]
+    manifest: Optional[str] = None
+    task_type: Optional[Literal["binary", "multiclass", "ordinal", "multilabel"]] = None
+    label_names: Optional[list[str]] = None
+    n_channels: int = 3
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # all sources: cap the number of training images (None: use all), for quick runs
+    max_train: Optional[int] = None
+    seed: int = 0
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Which timm model, where it is cut, and how its weights start."""
+
+    name: str = "resnet18"
+    pretrained: Optional[str] = None  # local checkpoint file (timm names or plain state dict)
+    cut: str = "pooled"  # 'pooled', 'mlp', or 'stage:N'
+    mlp_hidden: int = 128
+    mlp_activation: Literal["relu", "gelu", "square", "poly2"] = "relu"
+    freeze_encoder: bool = False
+    # 3x3 stride-1 stem without max-pool (the MedMNIST v2 28 px ResNet): keeps more resolution on tiny
+    # images at ~6x the compute. An ImageNet checkpoint's 7x7 stem cannot be used with it (reported, re-initialised).
+    small_input_stem: bool = False
+    drop_rate: float = 0.0
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model, e.g. {patch_size: 4}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and hardware."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: Literal["none", "cosine", "multistep"] = "cosine"
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "32-true"
+    eval_batch_size: int = 256
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One training job."""
+
+    regime: Literal["centralized", "local"] = "centralized"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
