@@ -8,8 +8,15 @@ import medmnist
 import numpy as np
 import pytest
 
-from splitfl.config import MEDMNIST_DIR_ENV
-from splitfl.data import DataError, load_medmnist, medmnist_task, resolve_medmnist_root, supported_flags
+from splitfl.config import MEDMNIST_DIR_ENV, DataConfig
+from splitfl.data import (
+    DataError,
+    load_medmnist,
+    load_splits,
+    medmnist_task,
+    resolve_medmnist_root,
+    supported_flags,
+)
 from splitfl.data.medmnist_files import medmnist_filename
 
 
@@ -222,3 +229,12 @@ def test_wrong_dtypes_and_lengths(tmp_path: Path) -> None:
     write_fake(tmp_path, "octmnist", n_classes=4, test_labels=np.zeros((5, 1), np.uint8))
     with pytest.raises(DataError, match="12 images but test_labels has 5"):
         load_medmnist("octmnist", str(tmp_path))
+
+
+def test_load_splits_medmnist_source(tmp_path: Path) -> None:
+    write_fake(tmp_path, "pneumoniamnist", n=20)
+    cfg = DataConfig(source="medmnist", flag="pneumoniamnist", root=str(tmp_path), max_train=8, seed=0)
+    splits = load_splits(cfg)
+    assert splits.source == "medmnist:pneumoniamnist"
+    assert len(splits.train) == 8 and splits.train.class_counts().tolist() == [4, 4]
+    assert len(splits.val) == 20

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -89,8 +89,8 @@ def _load_image(path: Path, n_channels: int, size: int, line: int, manifest: Pat
 
 def load_folder(
     manifest: str | os.PathLike,
-    task_type: Optional[str] = None,
-    label_names: Optional[Sequence[str]] = None,
+    task_type: str | None = None,
+    label_names: Sequence[str] | None = None,
     n_channels: int = 3,
     size: int = 28,
     val_fraction: float = 0.15,

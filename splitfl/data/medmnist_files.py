@@ -117,7 +117,9 @@ def _read_npz(path: Path, flag: str, size: int) -> dict[str, np.ndarray]:
     try:
         npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot be read as a .npz archive (corrupt or truncated?): {exc}; {redownload}") from None
+        raise DataError(
+            f"{path}: cannot be read as a .npz archive (corrupt or truncated?): {exc}; {redownload}"
+        ) from None
     with npz:
         found = sorted(npz.files)
         missing = [k for k in _KEYS if k not in found]

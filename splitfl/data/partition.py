@@ -8,7 +8,7 @@ train/val/test split of image folders, so class balance is kept everywhere.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

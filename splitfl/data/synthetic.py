@@ -15,7 +15,7 @@ same generator works at 28 and 64 px. Rendering is vectorised over images
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -359,7 +359,8 @@ def _render_fundus(rng: np.random.Generator, labels: Array, size: int) -> Array:
     dust = _blobs(u, v, dx, dy, np.maximum(rng.uniform(0.05, 0.1, (n, k_d)), _min_sigma(size, 0.8)),
                   0.35 * dust_on)
     img *= 1.0 - np.clip(dust, 0, 1)[..., None]
-    reflex = np.exp(-((u - _col(cx + rng.uniform(-0.3, 0.3, n))) ** 2 + (v - _col(cy + rng.uniform(-0.3, 0.3, n))) ** 2) / 0.08)
+    rx, ry = cx + rng.uniform(-0.3, 0.3, n), cy + rng.uniform(-0.3, 0.3, n)
+    reflex = np.exp(-((u - _col(rx)) ** 2 + (v - _col(ry)) ** 2) / 0.08)
     img += (0.12 * reflex * retina * _col(rng.random(n) < 0.5))[..., None]
 
     img = _noise(rng, img, 0.01, 0.03) * retina[..., None]
@@ -400,7 +401,8 @@ def _stroma(rng: np.random.Generator, u: Array, v: Array, size: int) -> tuple[Ar
     ang = rng.uniform(0, np.pi, n)
     t = u * _col(np.cos(ang)) + v * _col(np.sin(ang))
     w = -u * _col(np.sin(ang)) + v * _col(np.cos(ang))
-    w = w + _col(rng.uniform(0.04, 0.1, n)) * np.sin(2 * np.pi * t / _col(rng.uniform(0.5, 0.9, n)) + _col(rng.uniform(0, 6.3, n)))
+    wave = _col(rng.uniform(0.5, 0.9, n))
+    w = w + _col(rng.uniform(0.04, 0.1, n)) * np.sin(2 * np.pi * t / wave + _col(rng.uniform(0, 6.3, n)))
     period = np.maximum(rng.uniform(0.15, 0.21, n), 6.0 / size)
     fibre = (0.5 + 0.5 * np.cos(2 * np.pi * w / _col(period))) ** 2
     d1, *_ = _worley(rng, t * 0.3, w, np.full(n, 0.2), presence=0.35)
@@ -463,7 +465,8 @@ def _render_histology(rng: np.random.Generator, labels: Array, size: int) -> Arr
     eosin += _blobs(u0, v0, bx, by, np.maximum(rng.uniform(0.04, 0.08, (n, k)), _min_sigma(size, 0.6)),
                     0.8 * on)
     fang = rng.uniform(0, np.pi, n)
-    fold = np.exp(-(((u0 * _col(np.cos(fang)) + v0 * _col(np.sin(fang)) - _col(rng.uniform(-0.7, 0.7, n))) / 0.08) ** 2))
+    across = u0 * _col(np.cos(fang)) + v0 * _col(np.sin(fang)) - _col(rng.uniform(-0.7, 0.7, n))
+    fold = np.exp(-((across / 0.08) ** 2))
     eosin += 0.5 * fold * _col(rng.random(n) < 0.2)
 
     # Per-slide stain vectors and strengths (stain variation between labs).
@@ -472,7 +475,8 @@ def _render_histology(rng: np.random.Generator, labels: Array, size: int) -> Arr
     od = (hema[..., None] * _col(rng.uniform(0.8, 1.2, n))[..., None] * h_od[:, None, None, :]
           + eosin[..., None] * _col(rng.uniform(0.8, 1.2, n))[..., None] * e_od[:, None, None, :])
     img = _noise(rng, _defocus(rng, np.exp(-od), 0.25), 0.01, 0.03)
-    mean = np.array([0.72, 0.52, 0.7], np.float32)[None] + rng.uniform(-0.08, 0.08, (n, 1)) + rng.uniform(-0.05, 0.05, (n, 3))
+    mean = np.array([0.72, 0.52, 0.7], np.float32)[None]
+    mean = mean + rng.uniform(-0.08, 0.08, (n, 1)) + rng.uniform(-0.05, 0.05, (n, 3))
     std = rng.uniform(0.09, 0.15, n)
     return _match_stats(img, rng, mean, std)
 
