@@ -243,7 +243,8 @@ def test_split_model_is_refused(tmp_path: Path, source):
 def test_build_split_model_loads_before_split(tmp_path: Path, source):
     path = tmp_path / "foundation.safetensors"
     safetensors.torch.save_file(dict(source.state_dict()), str(path))
-    cfg = ModelConfig(name="resnet18", pretrained=str(path), cut="mlp", freeze_encoder=True, mlp_activation="poly2")
+    cfg = ModelConfig(name="resnet18", pretrained=str(path), cut="mlp", freeze_encoder=True, mlp_activation="poly2",
+                      small_input_stem=True)
     split, report = build_split_model(cfg, num_classes=2, in_chans=1, img_size=IMG)
     assert report is not None and [k for k, _ in report.adapted_keys] == ["conv1.weight"]
     assert {k for k, _ in report.dropped_keys} == {"fc.weight", "fc.bias"}

@@ -307,7 +307,8 @@ def test_pooled_needs_a_linear_classifier():
 
 
 def test_build_split_model_from_config(x):
-    cfg = ModelConfig(name="efficientnet_b0", cut="stage:3", freeze_encoder=True, drop_rate=0.1)
+    cfg = ModelConfig(name="efficientnet_b0", cut="stage:3", freeze_encoder=True, drop_rate=0.1,
+                      small_input_stem=True)
     split, report = build_split_model(cfg, num_classes=CLASSES, in_chans=CHANS, img_size=IMG)
     assert isinstance(split, SplitModel) and report is None
     assert split.cut == "stage:3" and split.feature_dim == (40, 7, 7) and split.encoder_frozen

@@ -164,8 +164,9 @@ def test_real_pneumoniamnist_learns(tmp_path, medmnist_dir):
     if not (medmnist_dir / "pneumoniamnist.npz").exists():
         pytest.skip("pneumoniamnist.npz not present")
     cfg = tiny_config()
-    cfg.data = DataConfig(source="medmnist", flag="pneumoniamnist", root=str(medmnist_dir), max_train=1024)
-    cfg.train.epochs = 1
+    cfg.data = DataConfig(source="medmnist", flag="pneumoniamnist", root=str(medmnist_dir), max_train=2048)
+    cfg.train.epochs = 2
     cfg.train.batch_size = 64
     metrics = run(cfg, tmp_path)
+    assert metrics["data"]["train"] == 2048 and metrics["data"]["test"] == 624  # official test split
     assert metrics["test"]["auroc_macro"] > 0.85
