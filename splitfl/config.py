@@ -87,11 +87,32 @@ class TrainConfig:
 
 
 @dataclass
+class SplitConfig:
+    """Split-learning protocol settings (regimes ``split-plain`` and ``split-he``).
+
+    Hospitals take turns batch by batch (round-robin) against one server head and
+    relay the encoder weights among themselves, as in sequential split learning:
+    the server never sees encoder weights, labels or the loss.
+    """
+
+    he_preset: str = "default"  # CKKS parameter preset (splitfl.he.params.PRESETS)
+    # Differential privacy on the head updates the server receives in split-he:
+    # per-sample clipping to dp_max_grad_norm and Gaussian noise of std noise_multiplier * max_grad_norm.
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 0.0  # 0: no clipping (and no DP)
+    dp_delta: float = 1e-5
+    cache_embeddings: bool = True  # frozen encoder: compute each hospital's features once
+    transcript: bool = False  # record the server's view (every message in and out) under <out>/transcript
+    transcript_max_steps: int = 20  # training steps recorded (evaluation traffic is not recorded)
+
+
+@dataclass
 class RunConfig:
     """One training job."""
 
-    regime: Literal["centralized", "local"] = "centralized"
+    regime: Literal["centralized", "local", "split-plain", "split-he"] = "centralized"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)

@@ -156,26 +156,72 @@ def evaluate(fabric: Fabric, model: nn.Module, loader: DataLoader, metrics: Task
 # ----------------------------------------------------------------------------- one model
 
 
-def fit(
-    fabric: Fabric,
-    cfg: RunConfig,
-    splits: DataSplits,
-    train_set: ArrayDataset,
-    out_dir: Path,
-    label: str,
-) -> dict[str, Any]:
-    """Train one model with model selection on validation; resume from ``out_dir`` if it holds a checkpoint."""
-    task = splits.task
-    tcfg = cfg.train
-    fabric.seed_everything(cfg.seed, verbose=False)
-    split_model, load_report = build_split_model(cfg.model, task.num_outputs, task.n_channels, cfg.data.size)
-    if load_report is not None and fabric.is_global_zero:
-        fabric.print(str(load_report))
-    trainable = [p for p in split_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, tcfg)
-    scheduler = make_scheduler(optimizer, tcfg)
-    loss_fn = make_loss(task)
+class PlainRunner:
+    """One model trained on pooled (or one site's) plaintext data with Fabric."""
 
+    def __init__(self, fabric: Fabric, cfg: RunConfig, splits: DataSplits, train_set: ArrayDataset) -> None:
+        self.fabric, self.cfg, self.train_set = fabric, cfg, train_set
+        self.split_model, load_report = build_split_model(
+            cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size
+        )
+        if load_report is not None:
+            fabric.print(str(load_report))
+        trainable = [p for p in self.split_model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(trainable, cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train)
+        self.loss_fn = make_loss(splits.task)
+        self.model, self.optimizer = fabric.setup(self.split_model, self.optimizer)
+        self.metrics = TaskMetrics(splits.task, device=fabric.device)
+
+    def train_epoch(self, epoch: int, desc: str) -> float:
+        loader = self.fabric.setup_dataloaders(epoch_loader(self.train_set, self.cfg.train.batch_size, self.cfg.seed, epoch))
+        loss = train_one_epoch(self.fabric, self.model, loader, self.optimizer, self.loss_fn, desc, self.cfg.train.progress)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss
+
+    def evaluate(self, dataset: ArrayDataset) -> dict[str, Any]:
+        loader = self.fabric.setup_dataloaders(eval_loader(dataset, self.cfg.train.eval_batch_size))
+        return evaluate(self.fabric, self.model, loader, self.metrics, self.loss_fn)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.split_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.split_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def model_state(self) -> dict[str, Any]:
+        return self.split_model.state_dict()
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.split_model.load_state_dict(state)
+
+    def epoch_extras(self) -> dict[str, Any]:
+        return {}
+
+    def result_extras(self) -> dict[str, Any]:
+        return {}
+
+
+def fit(fabric: Fabric, runner: Any, cfg: RunConfig, splits: DataSplits, out_dir: Path, label: str) -> dict[str, Any]:
+    """The epoch loop shared by every regime: model selection on validation, atomic checkpoints, resume.
+
+    ``runner`` owns the parties and their optimizers (one model for the plaintext
+    regimes; hospitals and a server for split learning) and exposes
+    ``train_epoch``, ``evaluate``, ``state_dict``/``load_state_dict``,
+    ``model_state``/``load_model_state``, ``lr``, ``epoch_extras`` and ``result_extras``.
+    """
+    tcfg = cfg.train
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "val": None}
     start_epoch = 0
@@ -191,28 +237,16 @@ def fit(
                 f"{out_dir} holds a run with a different configuration ({changed}); use another --out, "
                 "or delete the folder to start over"
             )
-        split_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        runner.load_state_dict(state["runner"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         torch.set_rng_state(state["torch_rng"])
         fabric.print(f"[{label}] resuming from {ckpt_path} after epoch {state['epoch'] + 1}")
 
-    model, optimizer = fabric.setup(split_model, optimizer)
-    val_loader = fabric.setup_dataloaders(eval_loader(splits.val, tcfg.eval_batch_size))
-    metrics = TaskMetrics(task, device=fabric.device)
-
     for epoch in range(start_epoch, tcfg.epochs):
         t0 = time.perf_counter()
-        loader = fabric.setup_dataloaders(epoch_loader(train_set, tcfg.batch_size, cfg.seed, epoch))
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(
-            fabric, model, loader, optimizer, loss_fn, f"[{label}] epoch {epoch + 1}/{tcfg.epochs}", tcfg.progress
-        )
-        if scheduler is not None:
-            scheduler.step()
-        val = evaluate(fabric, model, val_loader, metrics, loss_fn)
+        lr = runner.lr()
+        train_loss = runner.train_epoch(epoch, f"[{label}] epoch {epoch + 1}/{tcfg.epochs}")
+        val = runner.evaluate(splits.val)
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -221,6 +255,7 @@ def fit(
             "val_accuracy": val["accuracy"],
             "lr": lr,
             "seconds": time.perf_counter() - t0,
+            **runner.epoch_extras(),
         }
         history.append(row)
         improved = val["auroc_macro"] > best["score"]
@@ -233,13 +268,11 @@ def fit(
         )
         if fabric.is_global_zero:
             if improved:
-                save_checkpoint(out_dir / BEST_MODEL, best_model_payload(split_model, cfg, task, best))
+                save_checkpoint(out_dir / BEST_MODEL, best_model_payload(runner.model_state(), cfg, splits.task, best))
             save_checkpoint(
                 ckpt_path,
                 {
-                    "model": split_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "runner": runner.state_dict(),
                     "epoch": epoch,
                     "history": history,
                     "best": best,
@@ -253,23 +286,23 @@ def fit(
     if best["epoch"] < 0:
         raise RunError(f"[{label}] no epoch was trained (train.epochs={tcfg.epochs})")
     best_state = torch.load(out_dir / BEST_MODEL, map_location="cpu", weights_only=False)
-    split_model.load_state_dict(best_state["model"])
-    test_loader = fabric.setup_dataloaders(eval_loader(splits.test, tcfg.eval_batch_size))
-    test = evaluate(fabric, model, test_loader, metrics, loss_fn)
+    runner.load_model_state(best_state["model"])
+    test = runner.evaluate(splits.test)
     fabric.print(f"[{label}] best epoch {best['epoch']}: val_auroc {best['score']:.4f}  test_auroc {test['auroc_macro']:.4f}")
     return {
         "best_epoch": best["epoch"],
         "val": best["val"],
         "test": test,
         "history": history,
-        "n_train": len(train_set),
+        "n_train": len(runner.train_set),
+        **runner.result_extras(),
     }
 
 
-def best_model_payload(split_model: nn.Module, cfg: RunConfig, task: Any, best: dict[str, Any]) -> dict[str, Any]:
+def best_model_payload(model_state: dict[str, Any], cfg: RunConfig, task: Any, best: dict[str, Any]) -> dict[str, Any]:
     """What later tools (attacks, reports) need to rebuild the model without the training code."""
     return {
-        "model": split_model.state_dict(),
+        "model": model_state,
         "config": config_dict(cfg),
         "task": dataclasses.asdict(task),
         "epoch": best["epoch"],
@@ -285,8 +318,13 @@ def _summarise(values: list[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std()), "min": float(arr.min()), "max": float(arr.max())}
 
 
+def train_plain(fabric: Fabric, cfg: RunConfig, splits: DataSplits, train_set: ArrayDataset, out_dir: Path, label: str) -> dict[str, Any]:
+    fabric.seed_everything(cfg.seed, verbose=False)
+    return fit(fabric, PlainRunner(fabric, cfg, splits, train_set), cfg, splits, out_dir, label)
+
+
 def run_centralized(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> dict[str, Any]:
-    result = fit(fabric, cfg, splits, splits.train, out_dir, "centralized")
+    result = train_plain(fabric, cfg, splits, splits.train, out_dir, "centralized")
     plot_learning_curves({"centralized": result["history"]}, out_dir / "learning_curves.png", f"centralized: {splits.task.name}")
     return {"val": result["val"], "test": result["test"], "best_epoch": result["best_epoch"], "n_train": result["n_train"]}
 
@@ -303,7 +341,7 @@ def run_local(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path)
     for i, site in enumerate(sites):
         name = f"site_{i}"
         site_dir = out_dir / "sites" / name
-        result = fit(fabric, cfg, splits, site, site_dir, f"local {name}")
+        result = train_plain(fabric, cfg, splits, site, site_dir, f"local {name}")
         if fabric.is_global_zero:
             write_json(site_dir / "metrics.json", {k: result[k] for k in ("val", "test", "best_epoch", "n_train")})
         per_site[name] = {k: result[k] for k in ("val", "test", "best_epoch", "n_train")}
@@ -319,7 +357,21 @@ def run_local(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path)
     }
 
 
-REGIMES = {"centralized": run_centralized, "local": run_local}
+def run_split(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> dict[str, Any]:
+    """split-plain / split-he: hospitals hold encoders, data and labels; the server holds the head."""
+    from splitfl.split.runner import SplitRunner
+
+    fabric.seed_everything(cfg.seed, verbose=False)
+    runner = SplitRunner(fabric, cfg, splits, out_dir)
+    try:
+        result = fit(fabric, runner, cfg, splits, out_dir, cfg.regime)
+    finally:
+        runner.close()
+    plot_learning_curves({cfg.regime: result["history"]}, out_dir / "learning_curves.png", f"{cfg.regime}: {splits.task.name}")
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+REGIMES = {"centralized": run_centralized, "local": run_local, "split-plain": run_split, "split-he": run_split}
 
 
 def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:

@@ -1,0 +1,294 @@
+"""Training loop of the split regimes: hospitals take turns against one server head.
+
+Each hospital runs the (relayed) encoder on its own batch, sends the
+activations (plaintext or CKKS-encrypted) to the server, gets logits back,
+computes the loss with labels that never leave it, and returns what the
+server needs. With one hospital and no DP, ``split-plain`` computes exactly
+what centralized training computes (two Adam optimizers over disjoint
+parameters are one Adam), and ``split-he`` the same up to CKKS noise.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from opacus.accountants import RDPAccountant
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from splitfl.config import RunConfig
+from splitfl.data import DataSplits, partition_dataset
+from splitfl.data.base import ArrayDataset
+from splitfl.metrics import TaskMetrics, make_loss
+from splitfl.models import build_split_model
+from splitfl.split.server import SplitServer
+from splitfl.split.transcript import TranscriptRecorder
+from splitfl.split.transport import HETransport, PlainTransport
+from splitfl.train import epoch_loader
+
+SECRET_CONTEXT = "keys/consortium.secret"
+
+
+class SplitRunner:
+    """Hospitals (encoder, data, labels, loss, secret key) and the server (head), wired by a transport."""
+
+    def __init__(self, fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> None:
+        from splitfl.train import RunError, make_optimizer, make_scheduler
+
+        self.fabric, self.cfg, self.task = fabric, cfg, splits.task
+        if cfg.model.cut != "pooled":
+            raise RunError(
+                f"model.cut={cfg.model.cut!r}: split regimes run a linear server head on pooled features; "
+                "use model.cut: pooled (MLP heads over CKKS are not available yet)"
+            )
+        self.split_model, report = build_split_model(cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size)
+        if report is not None:
+            fabric.print(str(report))
+        self.device = fabric.device
+        self.encoder = self.split_model.encoder.to(self.device)
+        linear = self.split_model.head.linear_layers()[0]
+        enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
+        self.encoder_trainable = bool(enc_params)
+        self.enc_opt = make_optimizer(enc_params, cfg.train) if enc_params else None
+        self.enc_sched = make_scheduler(self.enc_opt, cfg.train) if self.enc_opt is not None else None
+        head_opt = make_optimizer(list(linear.parameters()), cfg.train)
+        head_sched = make_scheduler(head_opt, cfg.train)
+        self.loss_fn = make_loss(splits.task)
+        self.metrics = TaskMetrics(splits.task, device="cpu")
+
+        scfg = cfg.split
+        self.he = cfg.regime == "split-he"
+        recorder = None
+        if scfg.transcript:
+            recorder = TranscriptRecorder(
+                out_dir / "transcript", scfg.transcript_max_steps,
+                {"regime": cfg.regime, "in_features": linear.in_features, "num_classes": linear.out_features,
+                 "batch_size": cfg.train.batch_size, "he_preset": scfg.he_preset if self.he else None,
+                 "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm},
+            )
+        if self.he:
+            from splitfl.he.keys import create_secret_context, load_secret_context, public_context_bytes, save_secret_context
+            from splitfl.he.params import PRESETS, HEError
+
+            if scfg.he_preset not in PRESETS:
+                raise HEError(f"split.he_preset={scfg.he_preset!r} is not a preset; choose one of {sorted(PRESETS)}")
+            key_file = out_dir / SECRET_CONTEXT
+            # The consortium's key: made once by the hospitals, kept in a file the server never receives.
+            secret = load_secret_context(key_file) if key_file.exists() else create_secret_context(PRESETS[scfg.he_preset])
+            if not key_file.exists():
+                save_secret_context(secret, key_file)
+            self.server = SplitServer(linear, head_opt, head_sched, "he", public_context_bytes(secret),
+                                      cfg.train.batch_size, recorder)
+            self.transport: PlainTransport | HETransport = HETransport(self.server, secret, cfg.train.batch_size)
+        else:
+            self.server = SplitServer(linear, head_opt, head_sched, "plain", recorder=recorder)
+            self.transport = PlainTransport(self.server)
+
+        self.sites = partition_dataset(splits.train, cfg.data.partition)
+        self.train_set = splits.train
+        self.dp = self.he and scfg.dp_noise_multiplier > 0
+        if scfg.dp_noise_multiplier > 0 and not self.he:
+            raise RunError("split.dp_noise_multiplier applies to split-he head updates; in split-plain the server sees activations")
+        if self.dp and scfg.dp_max_grad_norm <= 0:
+            raise RunError("split.dp_noise_multiplier > 0 needs split.dp_max_grad_norm > 0 (the per-sample clipping bound)")
+        self.accountants = [RDPAccountant() for _ in self.sites]
+        self._feature_cache: dict[int, torch.Tensor] = {}
+        self._noise = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+        self.train_bytes_up = 0
+        self.train_bytes_down = 0
+        self.train_samples = 0
+        self._extras: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ hospital side
+
+    def _features(self, dataset: ArrayDataset, images: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+        """Encoder output; for a frozen encoder with caching, computed once per image and reused."""
+        frozen_cache = not self.encoder_trainable and self.cfg.split.cache_embeddings
+        if frozen_cache and index is not None:
+            key = id(dataset)
+            if key not in self._feature_cache:
+                self._feature_cache[key] = self._encode_all(dataset)
+            return self._feature_cache[key][index].to(self.device)
+        if not self.encoder_trainable:
+            with torch.no_grad():
+                return self.encoder(images.to(self.device))
+        return self.encoder(images.to(self.device))
+
+    @torch.no_grad()
+    def _encode_all(self, dataset: ArrayDataset) -> torch.Tensor:
+        self.encoder.eval()
+        bs = self.cfg.train.eval_batch_size
+        return torch.cat([self.encoder(dataset._x[i:i + bs].to(self.device)).cpu() for i in range(0, len(dataset), bs)])
+
+    def _head_update(self, grad_logits: torch.Tensor, feats: torch.Tensor, site: int) -> torch.Tensor:
+        """The head gradient [dW | db] the server needs; per-sample clipped and noised when DP is on."""
+        x1 = torch.cat([feats.detach().cpu().float(), torch.ones(len(feats), 1)], dim=1)
+        g = grad_logits.detach().cpu().float()
+        scfg = self.cfg.split
+        if scfg.dp_max_grad_norm <= 0:
+            return g.t() @ x1
+        batch = len(g)
+        per_sample_g = g * batch  # gradients of each sample's own loss (the loss is a batch mean)
+        norms = per_sample_g.norm(dim=1) * x1.norm(dim=1)
+        factors = (scfg.dp_max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
+        summed = (per_sample_g * factors[:, None]).t() @ x1
+        denominator = batch
+        if self.dp:
+            sigma = scfg.dp_noise_multiplier * scfg.dp_max_grad_norm
+            summed = summed + torch.randn(summed.shape, generator=self._noise) * sigma
+            denominator = self._sample_rate(site) * len(self.sites[site])  # expected Poisson batch size
+            self.accountants[site].step(noise_multiplier=scfg.dp_noise_multiplier, sample_rate=self._sample_rate(site))
+        return summed / denominator
+
+    def _sample_rate(self, site: int) -> float:
+        return min(1.0, self.cfg.train.batch_size / len(self.sites[site]))
+
+    def _site_batches(self, site: int, epoch: int) -> Iterator[torch.Tensor]:
+        """Index batches of one hospital for one epoch: shuffled, or Poisson-sampled under DP (as the accountant assumes)."""
+        n = len(self.sites[site])
+        if self.dp:
+            g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch * 997 + site)
+            sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=self._sample_rate(site), generator=g)
+            return (torch.as_tensor(b, dtype=torch.long) for b in sampler if len(b) > 0)
+        # The very batches the plaintext regimes draw (site 0 = the centralized order), so regimes compare like for like.
+        loader = epoch_loader(self.sites[site], self.cfg.train.batch_size, self.cfg.seed + 7919 * site, epoch)
+        return (torch.as_tensor(b, dtype=torch.long) for b in loader.batch_sampler)
+
+    def _step(self, site: int, index: torch.Tensor) -> float:
+        data = self.sites[site]
+        images, labels = data[index]
+        feats = self._features(data, images, index)
+        logits = self.transport.forward(feats).to(self.device).requires_grad_(True)
+        loss = self.loss_fn(logits, labels.to(self.device))
+        loss.backward()
+        g = logits.grad.detach()
+        update = self._head_update(g, feats, site) if self.he else None
+        # A frozen encoder needs no activation gradient: in split-he only the head update then travels.
+        grad_feats = self.transport.backward(g, feats, update, need_input_grad=self.encoder_trainable)
+        if self.encoder_trainable:
+            self.enc_opt.zero_grad(set_to_none=True)
+            feats.backward(grad_feats.to(feats.device, feats.dtype))
+            self.enc_opt.step()
+        return float(loss.item())
+
+    # ------------------------------------------------------------------ runner protocol (see splitfl.train.fit)
+
+    def train_epoch(self, epoch: int, desc: str) -> float:
+        self.split_model.train()
+        up0, down0 = self.transport.bytes_up, self.transport.bytes_down
+        queues = [list(self._site_batches(s, epoch)) for s in range(len(self.sites))]
+        order = [(s, b) for step in range(max(map(len, queues), default=0)) for s, q in enumerate(queues) if step < len(q)
+                 for b in [q[step]]]
+        total, count = 0.0, 0
+        bar = tqdm(order, desc=desc, leave=False, disable=not (self.cfg.train.progress and self.fabric.is_global_zero))
+        for site, index in bar:
+            loss = self._step(site, index)
+            total += loss * len(index)
+            count += len(index)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        self.server.end_epoch()
+        if self.enc_sched is not None:
+            self.enc_sched.step()
+        up, down = self.transport.bytes_up - up0, self.transport.bytes_down - down0
+        self.train_bytes_up += up
+        self.train_bytes_down += down
+        self.train_samples += count
+        self._extras = {"bytes_up": up, "bytes_down": down}
+        if self.dp:
+            self._extras["epsilon"] = self.epsilon()
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: ArrayDataset) -> dict[str, Any]:
+        self.split_model.eval()
+        self.metrics.reset()
+        bs = self.cfg.train.eval_batch_size
+        frozen_cache = not self.encoder_trainable and self.cfg.split.cache_embeddings
+        for start in range(0, len(dataset), bs):
+            index = torch.arange(start, min(start + bs, len(dataset)))
+            images, labels = dataset[index]
+            feats = self._features(dataset, images, index if frozen_cache else None)
+            logits = self.transport.forward(feats, train=False).cpu()
+            self.metrics.update(logits, labels, loss=self.loss_fn(logits, labels).item())
+        return self.metrics.compute()
+
+    def epsilon(self) -> float:
+        """The largest epsilon spent by any hospital (at split.dp_delta); inf without DP noise."""
+        if not self.dp:
+            return math.inf
+        return max(a.get_epsilon(self.cfg.split.dp_delta) if len(a) else 0.0 for a in self.accountants)
+
+    def lr(self) -> float:
+        return self.server.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder.state_dict(),
+            "enc_opt": self.enc_opt.state_dict() if self.enc_opt is not None else None,
+            "enc_sched": self.enc_sched.state_dict() if self.enc_sched is not None else None,
+            "server": self.server.state_dict(),
+            "accountants": [a.state_dict() for a in self.accountants],
+            "noise_rng": self._noise.get_state(),
+            "counters": (self.train_bytes_up, self.train_bytes_down, self.train_samples),
+            "transcript_step": self.server.recorder.step if self.server.recorder is not None else 0,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.encoder.load_state_dict(state["encoder"])
+        if self.enc_opt is not None:
+            self.enc_opt.load_state_dict(state["enc_opt"])
+        if self.enc_sched is not None and state.get("enc_sched") is not None:
+            self.enc_sched.load_state_dict(state["enc_sched"])
+        self.server.load_state_dict(state["server"])
+        for acc, s in zip(self.accountants, state["accountants"]):
+            acc.load_state_dict(s)
+        self._noise.set_state(state["noise_rng"])
+        self.train_bytes_up, self.train_bytes_down, self.train_samples = state["counters"]
+
+    def model_state(self) -> dict[str, Any]:
+        return self.split_model.state_dict()
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.split_model.load_state_dict(state)
+        self._feature_cache.clear()
+
+    def epoch_extras(self) -> dict[str, Any]:
+        return dict(self._extras)
+
+    def result_extras(self) -> dict[str, Any]:
+        samples = max(self.train_samples, 1)
+        out: dict[str, Any] = {
+            "protocol": {
+                "regime": self.cfg.regime,
+                "hospitals": len(self.sites),
+                "site_sizes": [len(s) for s in self.sites],
+                "encoder_trainable": self.encoder_trainable,
+                "he_preset": self.cfg.split.he_preset if self.he else None,
+                "server_has_secret_key": self.server.has_secret_key(),
+            },
+            "wire": {
+                "train_bytes_up": self.train_bytes_up,
+                "train_bytes_down": self.train_bytes_down,
+                "bytes_per_sample_up": self.train_bytes_up / samples,
+                "bytes_per_sample_down": self.train_bytes_down / samples,
+            },
+        }
+        if self.dp:
+            out["privacy"] = {
+                "epsilon": self.epsilon(),
+                "epsilon_per_site": [a.get_epsilon(self.cfg.split.dp_delta) if len(a) else 0.0 for a in self.accountants],
+                "delta": self.cfg.split.dp_delta,
+                "noise_multiplier": self.cfg.split.dp_noise_multiplier,
+                "max_grad_norm": self.cfg.split.dp_max_grad_norm,
+                "accountant": "opacus RDP, Poisson sampling per hospital; protects the head updates the server receives",
+            }
+        return out
+
+    def close(self) -> None:
+        self._feature_cache.clear()

@@ -1,0 +1,52 @@
+"""Record the server's view of a run: every message it received and sent.
+
+The attack harness reads these files, so privacy is measured on what the
+server really observed rather than on a separate simulation. Layout::
+
+    transcript/index.jsonl          one JSON line per message: step, kind, file, bytes
+    transcript/000003_logits_out.bin  the exact payload
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from splitfl.artifacts import _atomic
+
+
+class TranscriptRecorder:
+    """Writes payloads for the first ``max_steps`` training steps."""
+
+    def __init__(self, folder: str | Path, max_steps: int, meta: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_steps = max_steps
+        self.step = 0
+        self._index = self.folder / "index.jsonl"
+        meta_path = self.folder / "meta.json"
+        if not meta_path.exists():
+            meta_path.write_text(json.dumps(meta, indent=2))
+        if self._index.exists():  # resumed run: continue after the recorded steps
+            lines = self._index.read_text().splitlines()
+            self.step = 1 + max((json.loads(l)["step"] for l in lines), default=-1)
+
+    @property
+    def active(self) -> bool:
+        return self.step < self.max_steps
+
+    def record(self, kind: str, payload: bytes) -> None:
+        if not self.active:
+            return
+        name = f"{self.step:06d}_{kind}.bin"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+
+        _atomic(self.folder / name, write)
+        with open(self._index, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": self.step, "kind": kind, "file": name, "bytes": len(payload)}) + "\n")
+
+    def next_step(self) -> None:
+        self.step += 1
