@@ -82,9 +82,30 @@ COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
 }
 
 
+BENCHMARKS: dict[str, str] = {
+    "he-head": "splitfl.he.benchmark",  # encrypted linear head vs plaintext and per-sample ciphertexts
+    "split-epoch": "splitfl.split.benchmark",  # split-he epoch vs split-plain epoch, end to end
+}
+
+
+def cmd_bench(args: list[str]) -> None:
+    """``splitfl bench NAME [ARGS]``: the benchmarks in bench/, each with its own --help."""
+    import importlib
+
+    if not args or args[0] not in BENCHMARKS:
+        names = ", ".join(BENCHMARKS)
+        print(f"usage: splitfl bench {{{names}}} [--help] [ARGS]", file=sys.stderr)
+        raise SystemExit(2)
+    importlib.import_module(BENCHMARKS[args[0]]).main(args[1:])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":  # benchmarks parse their own flags
+        cmd_bench(argv[1:])
+        return
     parser = build_parser()
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(argv)
     ns = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
     key: tuple[str, ...] = (ns.command,)
     sub_ns = ns[ns.command]

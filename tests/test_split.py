@@ -80,3 +80,75 @@ def test_plain_server_rejects_bad_messages_and_keeps_state(payload, match):
         server.backward(tensor_to_bytes(torch.zeros(4, 3)))  # no forward was accepted
     assert all(torch.equal(before[k], v) for k, v in server.head.state_dict().items())
     server.forward(tensor_to_bytes(torch.ones(4, 8)))  # and it still serves
+
+
+# ----------------------------------------------------------------------------- split-he
+
+# CKKS tolerance for one training step at the 'default' preset (scale 2^40): the encrypted head is
+# exact to ~1e-7 (see tests/test_he_linear.py); after one SGD step the weights may differ by that much.
+HE_STEP_TOLERANCE = 1e-5
+
+
+def test_split_he_step_equals_split_plain_step(tmp_path):
+    plain = run(one_step_config("split-plain"), tmp_path / "p")
+    he = run(one_step_config("split-he"), tmp_path / "h")
+    w1, w2 = _weights(tmp_path / "p"), _weights(tmp_path / "h")
+    worst = max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1)
+    assert 0 < worst < HE_STEP_TOLERANCE, worst  # really encrypted (not bit-identical), and within tolerance
+    assert he["val"]["auroc_macro"] == pytest.approx(plain["val"]["auroc_macro"], abs=1e-3)
+    assert he["protocol"]["server_has_secret_key"] is False
+    key_file = tmp_path / "h" / "keys" / "consortium.secret"
+    assert key_file.exists() and (key_file.stat().st_mode & 0o077) == 0  # hospitals' file, owner-only
+    assert he["wire"]["bytes_per_sample_up"] < 64 * 1024
+
+
+def test_split_he_transcript_holds_only_ciphertexts_and_updates(tmp_path):
+    cfg = tiny_config(regime="split-he")
+    cfg.train.epochs = 1
+    cfg.split.transcript = True
+    cfg.split.transcript_max_steps = 1
+    run(cfg, tmp_path)
+    lines = [json.loads(l) for l in (tmp_path / "transcript" / "index.jsonl").read_text().splitlines()]
+    assert [l["kind"] for l in lines] == [
+        "activations_in", "logits_out", "logit_grads_in", "activation_grads_out", "head_update_in"]
+    from splitfl.he.wire import EncryptedBatch
+
+    raw = (tmp_path / "transcript" / lines[0]["file"]).read_bytes()
+    secret = __import__("splitfl.he.keys", fromlist=["x"]).load_secret_context(tmp_path / "keys" / "consortium.secret")
+    enc = EncryptedBatch.from_bytes(secret, raw, expect_kind="activations")  # a real ciphertext batch
+    assert enc.batch == cfg.train.batch_size
+
+
+def test_split_he_with_dp_reports_epsilon(tmp_path):
+    cfg = tiny_config(regime="split-he")
+    cfg.train.epochs = 1
+    cfg.split.dp_noise_multiplier = 1.0
+    cfg.split.dp_max_grad_norm = 1.0
+    metrics = run(cfg, tmp_path)
+    eps = metrics["privacy"]["epsilon"]
+    assert 0 < eps < float("inf")
+    assert len(metrics["privacy"]["epsilon_per_site"]) == 2
+
+
+def test_he_server_rejects_tampered_ciphertext_and_keeps_state():
+    from splitfl.he.keys import create_secret_context, public_context_bytes
+    from splitfl.he.linear import PackedLinearHE
+    from splitfl.he.params import PRESETS, HEError
+
+    secret = create_secret_context(PRESETS["default"])
+    head = torch.nn.Linear(16, 3)
+    server = SplitServer(head, torch.optim.SGD(head.parameters(), lr=0.1), None, "he", public_context_bytes(secret), 8)
+    assert not server.has_secret_key()
+    he = PackedLinearHE(16, 3, 8, server.he.slots)
+    good = he.encrypt_activations(secret, torch.randn(8, 16)).to_bytes()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    tampered = bytearray(good)
+    tampered[len(tampered) // 2] ^= 0xFF
+    for bad in (bytes(tampered), good[: len(good) // 2], b"not a ciphertext"):
+        with pytest.raises(HEError):
+            server.forward(bad)
+    other = create_secret_context(PRESETS["default"])  # another consortium's key
+    with pytest.raises(HEError, match="(?i)context|fingerprint|key"):
+        server.forward(PackedLinearHE(16, 3, 8, server.he.slots).encrypt_activations(other, torch.randn(8, 16)).to_bytes())
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+    server.forward(good)  # still serving

@@ -47,14 +47,13 @@ class SplitServer:
         self.he = None
         self.context = None
         if mode == "he":
-            from splitfl.he.keys import load_public_context
+            from splitfl.he.keys import load_public_context, params_of
             from splitfl.he.linear import PackedLinearHE
 
             if public_context is None:
                 raise ProtocolError("split-he server needs the consortium's public context")
             self.context = load_public_context(public_context)
-            self.he = PackedLinearHE(head.in_features, head.out_features, batch_capacity, self.context.slot_count()
-                                     if hasattr(self.context, "slot_count") else _slots(self.context))
+            self.he = PackedLinearHE(head.in_features, head.out_features, batch_capacity, params_of(self.context).slots)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -154,7 +153,3 @@ class SplitServer:
     def has_secret_key(self) -> bool:
         return bool(self.context is not None and self.context.is_private())
 
-
-def _slots(context: Any) -> int:
-    """Number of CKKS slots (half the polynomial degree)."""
-    return context.seal_context().first_context_data().parms().poly_modulus_degree() // 2

@@ -1,0 +1,15 @@
+"""Benchmark one split-he epoch against one split-plain epoch (see splitfl.split.benchmark).
+
+    python bench/split_epoch.py [--size 64] [--n-train 1024] [--repeats 2] [--json FILE]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from splitfl.split.benchmark import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Side-by-side cost of the encrypted linear head: plaintext vs per-sample CKKS vs batch-packed CKKS.
+
+Everything runs in one process on the same data (batch ``B`` x ``d`` features,
+``K`` classes); each time is the median of ``--repeats`` runs after warm-up.
+
+* plaintext: ``F.linear`` alone, and the split-plain round trip in its real
+  wire format (``splitfl.split.tensors``: activations to float32 bytes and
+  back, server linear, logits to bytes and back);
+* per-sample CKKS (earlier HE split-learning code): one ``CKKSVector`` per
+  sample and TenSEAL's ``vector @ W.T`` (rotations, Galois keys); timed on a
+  few samples and extrapolated linearly to the batch;
+* packed CKKS (this package): hospital encrypt + serialise, server parse +
+  forward + serialise, hospital parse + decrypt + reduce; with the weight
+  plaintexts cached (same weights) and with fresh weights (encoded in the
+  round, as after every optimizer step); plus the server alone, the encrypted
+  backward (enc(G) -> enc(G W)) and a full training step.
+
+Headline numbers (``--json``): ``speedup_vs_per_sample`` and
+``ratio_to_plaintext`` use the packed forward round *with fresh weights* (the
+conservative, training-time number); the ratio's plaintext reference is the
+split-plain round trip with serialisation, the like-for-like comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import tenseal as ts
+import torch
+import torch.nn.functional as F
+
+from ..split.tensors import tensor_from_bytes, tensor_to_bytes
+from .keys import create_secret_context, load_public_context, public_context_bytes
+from .linear import PackedLinearHE
+from .params import get_preset, max_abs_value
+from .wire import EncryptedBatch
+
+__all__ = ["main", "run_benchmark", "format_table"]
+
+
+def _median(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def run_benchmark(
+    batch: int = 64,
+    dim: int = 512,
+    classes: int = 5,
+    preset: str = "default",
+    repeats: int = 9,
+    per_sample: int = 2,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure everything; returns the JSON-ready result dict (times in seconds)."""
+    params = get_preset(preset)
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(dim, classes)
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    x = torch.randn(batch, dim) * 3  # pooled-feature scale: |x| ~ 1-10
+    g = torch.randn(batch, classes) / batch
+    ref = F.linear(x.double(), w.double(), b.double())
+    ref_grad = g.double() @ w.double()
+    t: dict[str, float] = {}
+
+    # (a) plaintext ---------------------------------------------------------
+    t["plain_compute"], _ = _median(lambda: F.linear(x, w, b), max(200, repeats))
+
+    def plain_round() -> torch.Tensor:
+        """split-plain's real wire format (splitfl.split.tensors): float32 + shape header, checked on receipt."""
+        xs = tensor_from_bytes(tensor_to_bytes(x), "activations", (None, dim))  # hospital -> server
+        reply = tensor_to_bytes(F.linear(xs, w, b))  # server -> hospital
+        return tensor_from_bytes(reply, "logits", (batch, classes))
+
+    t["plain_round"], _ = _median(plain_round, max(200, repeats))
+    plain_up = len(tensor_to_bytes(x)) / batch
+    plain_down = len(tensor_to_bytes(F.linear(x, w, b))) / batch
+
+    # (c) packed CKKS -------------------------------------------------------
+    t0 = time.perf_counter()
+    ctx = create_secret_context(params)
+    pub = load_public_context(public_context_bytes(ctx))
+    t["keygen_packed"] = time.perf_counter() - t0
+    head = PackedLinearHE(dim, classes, batch, params.slots)
+    sizes: dict[str, int] = {}
+    state: dict[str, Any] = {}
+
+    def hospital_encrypt() -> bytes:
+        data = head.encrypt_activations(ctx, x).to_bytes()
+        sizes["up"] = len(data)
+        return data
+
+    def server_forward(data: bytes) -> bytes:
+        enc = EncryptedBatch.from_bytes(pub, data, expect_kind="activations", expect_dim=dim)
+        out = head.forward(enc, w, b).to_bytes()
+        sizes["down"] = len(out)
+        return out
+
+    def hospital_decrypt(data: bytes) -> torch.Tensor:
+        enc = EncryptedBatch.from_bytes(ctx, data, expect_kind="logits", expect_batch=batch)
+        return head.decrypt_logits(ctx, enc, dtype=torch.float64)
+
+    def forward_round() -> None:
+        state["logits"] = hospital_decrypt(server_forward(hospital_encrypt()))
+
+    def forward_round_fresh() -> None:
+        head.clear_cache()
+        forward_round()
+
+    def backward_round() -> None:
+        up = head.encrypt_logit_grads(ctx, g).to_bytes()
+        enc = EncryptedBatch.from_bytes(pub, up, expect_kind="logit_grads", expect_dim=classes)
+        down = head.backward_input(enc, w).to_bytes()
+        sizes["grad_up"], sizes["grad_down"] = len(up), len(down)
+        back = EncryptedBatch.from_bytes(ctx, down, expect_kind="activation_grads")
+        state["grad"] = head.decrypt_activation_grads(ctx, back, dtype=torch.float64)
+
+    def training_step() -> None:
+        head.clear_cache()
+        forward_round()
+        backward_round()
+
+    t["packed_round_fresh"], _ = _median(forward_round_fresh, repeats)
+    t["packed_round"], _ = _median(forward_round, repeats)
+    up_bytes = hospital_encrypt()
+    t["packed_hospital_encrypt"], _ = _median(hospital_encrypt, repeats)
+    down_bytes = server_forward(up_bytes)
+    t["packed_server"], _ = _median(lambda: server_forward(up_bytes), repeats)
+    t["packed_hospital_decrypt"], _ = _median(lambda: hospital_decrypt(down_bytes), repeats)
+
+    def encode_weights() -> None:
+        head.clear_cache()
+        head.prepare(pub, w)
+
+    t["packed_weight_encode"], _ = _median(encode_weights, repeats)
+    t["packed_backward_round"], _ = _median(backward_round, repeats)
+    g_up = head.encrypt_logit_grads(ctx, g).to_bytes()
+    g_enc = EncryptedBatch.from_bytes(pub, g_up)
+    t["packed_backward_server"], _ = _median(lambda: head.backward_input(g_enc, w).to_bytes(), repeats)
+    t["packed_training_step"], _ = _median(training_step, repeats)
+    forward_round()
+    backward_round()
+    err = (state["logits"] - ref).abs().max().item()
+    grad_err = (state["grad"] - ref_grad).abs().max().item()
+
+    # (b) per-sample CKKS (TenSEAL CKKSVector.mm, rotations) ---------------------
+    t0 = time.perf_counter()
+    ctx_g = create_secret_context(params, galois=True)
+    t["keygen_per_sample"] = time.perf_counter() - t0
+    galois_context_bytes = len(public_context_bytes(ctx_g, galois=True))
+    wt, bl = w.T.tolist(), b.tolist()
+    ps_times, ps_err, ps_up, ps_down = [], 0.0, 0, 0
+    for i in range(per_sample + 1):  # the first sample is a warm-up
+        t0 = time.perf_counter()
+        up = ts.ckks_vector(ctx_g, x[i].tolist()).serialize()
+        out = (ts.ckks_vector_from(ctx_g, up).mm(wt) + bl).serialize()  # the server holds the Galois keys
+        got = ts.ckks_vector_from(ctx_g, out).decrypt()
+        elapsed = time.perf_counter() - t0
+        if i:
+            ps_times.append(elapsed)
+        ps_err = max(ps_err, float(np.abs(np.array(got) - ref[i].numpy()).max()))
+        ps_up, ps_down = len(up), len(out)
+    t["per_sample_one"] = statistics.median(ps_times)
+    t["per_sample_round"] = t["per_sample_one"] * batch  # extrapolated: samples are independent
+
+    ours = t["packed_round_fresh"]
+    result: dict[str, Any] = {
+        "speedup_vs_per_sample": t["per_sample_round"] / ours,
+        "ratio_to_plaintext": ours / t["plain_round"],
+        "ratio_to_plaintext_compute_only": ours / t["plain_compute"],
+        "bytes_per_sample_up": sizes["up"] / batch,
+        "bytes_per_sample_down": sizes["down"] / batch,
+        "max_abs_error": err,
+        "backward_max_abs_error": grad_err,
+        "backward_bytes_per_sample_up": sizes["grad_up"] / batch,
+        "backward_bytes_per_sample_down": sizes["grad_down"] / batch,
+        "samples_per_s": {
+            "plaintext_compute": batch / t["plain_compute"],
+            "plaintext_round": batch / t["plain_round"],
+            "per_sample_ckks": batch / t["per_sample_round"],
+            "packed_fresh_weights": batch / t["packed_round_fresh"],
+            "packed_cached_weights": batch / t["packed_round"],
+            "packed_server_only": batch / t["packed_server"],
+            "packed_backward": batch / t["packed_backward_round"],
+            "packed_training_step": batch / t["packed_training_step"],
+        },
+        "timings_s": t,
+        "per_sample": {
+            "samples_timed": per_sample,
+            "extrapolated_to_batch": True,
+            "max_abs_error": ps_err,
+            "bytes_per_sample_up": ps_up,
+            "bytes_per_sample_down": ps_down,
+            "galois_public_context_bytes": galois_context_bytes,
+        },
+        "plaintext_bytes_per_sample": {"up": plain_up, "down": plain_down},
+        "params": {
+            "preset": params.name,
+            "poly_modulus_degree": params.poly_modulus_degree,
+            "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes),
+            "scale_bits": params.scale_bits,
+            "max_abs_value": max_abs_value(params),
+            "value_bound": head.input_bound(ctx),
+            "layout": repr(head),
+        },
+        "config": {
+            "batch": batch,
+            "dim": dim,
+            "classes": classes,
+            "repeats": repeats,
+            "statistic": "median after 2 warm-up runs",
+            "headline_round": "packed forward round with fresh weights (weights encoded inside the round)",
+            "plaintext_reference": (
+                "split-plain round (splitfl.split.tensors): activations to float32 bytes and back + linear + "
+                "logits to bytes and back"
+            ),
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "tenseal": ts.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """Readable table of a :func:`run_benchmark` result."""
+    t, c, p = r["timings_s"], r["config"], r["params"]
+    b = c["batch"]
+    ref_ps, ref_plain = t["per_sample_round"], t["plain_round"]
+    ps = r["per_sample"]
+    rows = [
+        ("plaintext head: F.linear only", t["plain_compute"], None, None, r["plaintext_bytes_per_sample"], None),
+        ("plaintext round (+ split-plain bytes)", t["plain_round"], None, None, r["plaintext_bytes_per_sample"], None),
+        (
+            f"per-sample CKKS, vec.mm(W.T) [{ps['samples_timed']} timed, x{b}]",
+            t["per_sample_round"],
+            1.0,
+            None,
+            {"up": ps["bytes_per_sample_up"], "down": ps["bytes_per_sample_down"]},
+            ps["max_abs_error"],
+        ),
+        (
+            "packed CKKS round, fresh weights *",
+            t["packed_round_fresh"],
+            None,
+            None,
+            {"up": r["bytes_per_sample_up"], "down": r["bytes_per_sample_down"]},
+            r["max_abs_error"],
+        ),
+        ("packed CKKS round, cached weights", t["packed_round"], None, None, None, None),
+        ("  hospital: encrypt + serialise", t["packed_hospital_encrypt"], None, None, None, None),
+        ("  server: parse + forward + serialise", t["packed_server"], None, None, None, None),
+        ("  hospital: parse + decrypt + reduce", t["packed_hospital_decrypt"], None, None, None, None),
+        ("  server: encode one weight version", t["packed_weight_encode"], None, None, None, None),
+        (
+            "packed backward round enc(G)->enc(GW)",
+            t["packed_backward_round"],
+            None,
+            None,
+            {"up": r["backward_bytes_per_sample_up"], "down": r["backward_bytes_per_sample_down"]},
+            r["backward_max_abs_error"],
+        ),
+        ("  server: backward only", t["packed_backward_server"], None, None, None, None),
+        ("training step: encode + fwd + bwd", t["packed_training_step"], None, None, None, None),
+    ]
+    head = (
+        f"{'':41s} {'ms/batch':>10s} {'samples/s':>11s} {'vs per-smpl':>11s} {'x plain rnd':>11s} "
+        f"{'up B/smpl':>10s} {'dn B/smpl':>10s} {'max|err|':>9s}"
+    )
+    lines = [
+        f"HE linear head: B={b}, d={c['dim']}, K={c['classes']}, {p['preset']} (N={p['poly_modulus_degree']}, "
+        f"{p['coeff_mod_bit_sizes']}, scale 2^{p['scale_bits']}); {p['layout']}",
+        head,
+        "-" * len(head),
+    ]
+    for name, sec, _, _, nbytes, err in rows:
+        up = f"{nbytes['up']:10.0f}" if nbytes else f"{'':10s}"
+        down = f"{nbytes['down']:10.0f}" if nbytes else f"{'':10s}"
+        lines.append(
+            f"{name:41s} {sec * 1e3:10.3f} {b / sec:11.0f} {ref_ps / sec:10.0f}x {sec / ref_plain:10.1f}x "
+            f"{up} {down} {'' if err is None else f'{err:9.1e}'}"
+        )
+    lines += [
+        "",
+        f"* headline: speedup vs per-sample {r['speedup_vs_per_sample']:.0f}x, "
+        f"{r['ratio_to_plaintext']:.0f}x the plaintext round with serialisation "
+        f"({r['ratio_to_plaintext_compute_only']:.0f}x F.linear alone); "
+        f"{r['bytes_per_sample_up']:.0f} B up + {r['bytes_per_sample_down']:.0f} B down per sample.",
+        "  Per-sample CKKS is extrapolated linearly from the timed samples; it also needs Galois keys "
+        f"({ps['galois_public_context_bytes'] / 1e6:.1f} MB public context vs none for the packed head).",
+        f"  Times: median of {c['repeats']} runs after 2 warm-ups; one process, "
+        f"{r['environment']['torch_threads']} torch thread(s).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--preset", default="default", help="CKKS preset (splitfl.he.PRESETS)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per measurement (median)")
+    parser.add_argument("--per-sample", type=int, default=2, help="samples timed for the per-sample baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = run_benchmark(
+        batch=args.batch,
+        dim=args.dim,
+        classes=args.classes,
+        preset=args.preset,
+        repeats=args.repeats,
+        per_sample=args.per_sample,
+        seed=args.seed,
+    )
+    print(format_table(result))
+    if args.json:
+        from ..artifacts import write_json
+
+        write_json(args.json, result)
+        print(f"\nwrote {args.json}")
+    return result

@@ -1,0 +1,201 @@
+"""Encrypted batches and their wire format, with every check a receiver needs.
+
+An :class:`EncryptedBatch` is a list of SEAL-serialised CKKS ciphertexts plus
+what they mean (kind, batch, width, slot layout). Ciphertexts travel in SEAL's
+own serialisation: symmetric encryptions keep their PRNG seed, so a fresh
+upload is half the size of an expanded ciphertext.
+
+Wire format (little-endian)::
+
+    magic "SFHE" | version u16 | kind u8 | 0 u8 | context fingerprint 32 B
+    | batch u32 | dim u32 | layout: in_features, num_classes, batch_size, slots u32
+    | value_bound f64 | n u32 | n x ciphertext length u32
+    | SHA-256 of everything before it and of the body, 32 B | body
+
+The digest detects truncation and corruption. It is not a MAC: it does not
+authenticate the sender (use the transport's TLS for that), and neither does
+the fingerprint, which detects a wrong consortium key or parameter set.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Optional
+
+import tenseal as ts
+
+from .keys import context_fingerprint, engine_for
+from .packing import PackedLayout
+from .params import HEError
+
+__all__ = ["EncryptedBatch", "KINDS", "MAGIC", "FORMAT_VERSION"]
+
+MAGIC = b"SFHE"
+FORMAT_VERSION = 1
+KINDS: tuple[str, ...] = ("activations", "logits", "logit_grads", "activation_grads")
+_KIND_CODE = {k: i + 1 for i, k in enumerate(KINDS)}
+_HEAD = struct.Struct("<4sHBB32sII4IdI")  # up to and including n
+_DIGEST = 32
+_MAX_CIPHERTEXTS = 1 << 16
+# SEAL serialisation header: magic 0xA15E, header size 16, version, compression, reserved, total size u64.
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")
+_SEAL_MAGIC = 0xA15E
+
+
+@dataclass
+class EncryptedBatch:
+    """Ciphertexts of one batch message: kind, true batch size, width, layout, SEAL payloads.
+
+    ``value_bound`` is the bound on |values| the sender guarantees, a
+    constant of the configuration (the hospital's input bound, or
+    ``max_abs_value`` for the server's replies), never derived from data or
+    weights; ``context`` is the local context the payloads belong to (not
+    serialised).
+    """
+
+    kind: str
+    batch: int
+    dim: int
+    layout: PackedLayout
+    payloads: list[bytes]
+    value_bound: float
+    fingerprint: str
+    context: Optional[ts.Context] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise HEError(f"EncryptedBatch kind {self.kind!r} is not one of {list(KINDS)}.")
+
+    @property
+    def nbytes(self) -> int:
+        """Ciphertext bytes (what the wire carries besides a ~100-byte header)."""
+        return sum(len(p) for p in self.payloads)
+
+    def to_bytes(self) -> bytes:
+        fp = bytes.fromhex(self.fingerprint.split(":", 1)[-1])
+        head = _HEAD.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            _KIND_CODE[self.kind],
+            0,
+            fp,
+            self.batch,
+            self.dim,
+            self.layout.in_features,
+            self.layout.num_classes,
+            self.layout.batch_size,
+            self.layout.slots,
+            float(self.value_bound),
+            len(self.payloads),
+        ) + struct.pack(f"<{len(self.payloads)}I", *(len(p) for p in self.payloads))
+        digest = hashlib.sha256(head)
+        for p in self.payloads:
+            digest.update(p)
+        return b"".join([head, digest.digest(), *self.payloads])
+
+    @classmethod
+    def from_bytes(
+        cls,
+        ctx: ts.Context,
+        data: bytes,
+        expect_kind: Optional[str] = None,
+        expect_batch: Optional[int] = None,
+        expect_dim: Optional[int] = None,
+    ) -> "EncryptedBatch":
+        """Parse and check a message; HEError for anything malformed, foreign or unexpected.
+
+        Checks, in order: size and magic, format version, declared lengths vs
+        the bytes received (truncation), SHA-256 (corruption/tampering),
+        context fingerprint (other key or parameters), kind, batch and width
+        against ``expect_*``, the declared value bound, layout vs the
+        context's slots, ciphertext count vs the layout, and each
+        ciphertext's SEAL header (SEAL itself validates the rest when the
+        head loads them). Pure: nothing is
+        computed or cached, so a rejected message leaves no trace.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise HEError(f"EncryptedBatch.from_bytes: expected bytes, got {type(data).__name__}.")
+        data = bytes(data)
+        if len(data) < _HEAD.size + _DIGEST:
+            raise HEError(
+                f"Encrypted message truncated: {len(data)} bytes, the header alone needs {_HEAD.size + _DIGEST}."
+            )
+        (magic, version, kind_code, _, fp, batch, dim, d, k, bs, slots, bound, n) = _HEAD.unpack_from(data, 0)
+        if magic != MAGIC:
+            raise HEError(f"Not a splitfl encrypted batch: magic {magic!r}, expected {MAGIC!r}.")
+        if version != FORMAT_VERSION:
+            raise HEError(
+                f"Encrypted batch format version {version}; this splitfl reads version {FORMAT_VERSION}. "
+                "Update both sides to the same splitfl release."
+            )
+        if n > _MAX_CIPHERTEXTS:
+            raise HEError(f"Encrypted batch declares {n} ciphertexts (more than {_MAX_CIPHERTEXTS}); refusing.")
+        lengths_end = _HEAD.size + 4 * n
+        if len(data) < lengths_end + _DIGEST:
+            raise HEError(f"Encrypted message truncated inside its header ({len(data)} bytes, {n} ciphertexts).")
+        lengths = struct.unpack_from(f"<{n}I", data, _HEAD.size)
+        body_start = lengths_end + _DIGEST
+        if len(data) - body_start != sum(lengths):
+            what = "truncated" if len(data) - body_start < sum(lengths) else "has trailing bytes"
+            raise HEError(
+                f"Encrypted message {what}: its header declares {sum(lengths)} ciphertext bytes, "
+                f"{len(data) - body_start} arrived."
+            )
+        digest = hashlib.sha256(memoryview(data)[:lengths_end])
+        digest.update(memoryview(data)[body_start:])
+        if digest.digest() != data[lengths_end:body_start]:
+            raise HEError("Encrypted message checksum mismatch: the bytes were corrupted or tampered with in transit.")
+
+        mine = context_fingerprint(ctx)
+        theirs = "sha256:" + fp.hex()
+        if theirs != mine:
+            raise HEError(
+                f"Encrypted batch was made under context {theirs[:19]}..., this context is {mine[:19]}...: another "
+                "consortium key or parameter set. Use the public context of the hospitals' current key."
+            )
+        if not 1 <= kind_code <= len(KINDS):
+            raise HEError(f"Unknown encrypted batch kind code {kind_code}.")
+        kind = KINDS[kind_code - 1]
+        if expect_kind is not None and kind != expect_kind:
+            raise HEError(f"Expected an encrypted {expect_kind!r} batch, got {kind!r}.")
+        if expect_batch is not None and batch != expect_batch:
+            raise HEError(f"Encrypted {kind} batch has {batch} samples, expected {expect_batch}.")
+        if expect_dim is not None and dim != expect_dim:
+            raise HEError(f"Encrypted {kind} batch has width {dim}, expected {expect_dim} (the head's shape).")
+        if not (math.isfinite(bound) and bound >= 0):
+            raise HEError(f"Encrypted {kind} batch declares an invalid value bound {bound!r}.")
+        layout = PackedLayout(d, k, bs, slots)
+        check_message_shape(layout, kind, batch, dim, n, ctx)
+
+        payloads = []
+        offset = body_start
+        for i, size in enumerate(lengths):
+            payload = data[offset : offset + size]
+            offset += size
+            _check_seal_header(payload, f"ciphertext #{i} of the {kind} batch")
+            payloads.append(payload)
+        return cls(kind, batch, dim, layout, payloads, bound, mine, ctx)
+
+
+def check_message_shape(layout: PackedLayout, kind: str, batch: int, dim: int, n: int, ctx: ts.Context) -> None:
+    """Batch, width and ciphertext count must agree with the layout, and the layout with the context."""
+    slots = engine_for(ctx).slots
+    if layout.slots != slots:
+        raise HEError(f"Encrypted batch layout uses {layout.slots} slots but the context has {slots}.")
+    if not 1 <= batch <= layout.batch_size:
+        raise HEError(f"Encrypted {kind} batch declares {batch} samples; the layout holds 1..{layout.batch_size}.")
+    if dim != layout.dim(kind):
+        raise HEError(f"Encrypted {kind} batch has width {dim} but its layout implies {layout.dim(kind)}.")
+    expected = layout.n_ciphertexts(kind)
+    if n != expected:
+        raise HEError(f"Encrypted {kind} batch carries {n} ciphertexts; its layout needs exactly {expected}.")
+
+
+def _check_seal_header(payload: bytes, what: str) -> None:
+    if len(payload) < _SEAL_HEADER.size:
+        raise HEError(f"{what} is {len(payload)} bytes, shorter than a SEAL header.")
+    magic, header_size, _, _, _, _, size = _SEAL_HEADER.unpack_from(payload, 0)
+    if magic != _SEAL_MAGIC or header_size != _SEAL_HEADER.size or size != len(payload):
+        raise HEError(f"{what} is not a SEAL-serialised object (bad header or size).")
