@@ -141,13 +141,15 @@ def test_data_summary_prints_site_counts(tmp_path):
 
 
 @pytest.mark.slow
-def test_fabric_run_launcher(tmp_path):
+@pytest.mark.parametrize("regime", ["centralized", "split-he"])
+def test_fabric_run_launcher(tmp_path, regime):
     """The same script under Lightning's launcher (``fabric run``), as an ML engineer would start it."""
     fabric = Path(sys.executable).with_name("fabric")
     if not fabric.exists():
         pytest.skip("fabric launcher not installed next to this python")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(
+        f"regime: {regime}\n"
         "data: {source: synthetic, n_train: 96, n_val: 64, n_test: 64}\n"
         "train: {epochs: 1, batch_size: 32, progress: false}\n"
     )
