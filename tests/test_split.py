@@ -152,3 +152,25 @@ def test_he_server_rejects_tampered_ciphertext_and_keeps_state():
         server.forward(PackedLinearHE(16, 3, 8, server.he.slots).encrypt_activations(other, torch.randn(8, 16)).to_bytes())
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
     server.forward(good)  # still serving
+
+
+def test_split_he_linear_probe_caches_embeddings_and_sends_no_gradients(tmp_path):
+    """Frozen encoder (linear probe): embeddings computed once per hospital; only the head update travels back."""
+    cfg = tiny_config(regime="split-he")
+    cfg.train.epochs = 2
+    cfg.model.freeze_encoder = True
+    cfg.split.transcript = True
+    cfg.split.transcript_max_steps = 1
+    from splitfl.models import build_split_model
+
+    torch.manual_seed(cfg.seed)
+    initial, _ = build_split_model(cfg.model, 2, 1, cfg.data.size)
+    metrics = run(cfg, tmp_path)
+    trained, before = _weights(tmp_path), initial.state_dict()
+    enc_keys = [k for k in trained if k.startswith("encoder.")]
+    head_keys = [k for k in trained if k.startswith("head.")]
+    assert enc_keys and all(torch.equal(trained[k], before[k]) for k in enc_keys)
+    assert head_keys and any(not torch.equal(trained[k], before[k]) for k in head_keys)
+    kinds = [json.loads(l)["kind"] for l in (tmp_path / "transcript" / "index.jsonl").read_text().splitlines()]
+    assert kinds == ["activations_in", "logits_out", "head_update_in"]
+    assert metrics["protocol"]["encoder_trainable"] is False
