@@ -37,7 +37,11 @@ def to_run_config(ns: Namespace) -> RunConfig:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="splitfl", description="Split and federated medical imaging training over CKKS.")
+    parser = ArgumentParser(
+        prog="splitfl",
+        description="Split and federated medical imaging training over CKKS.",
+        epilog="Benchmarks: splitfl bench {he-head,split-epoch} [--help] (see bench/README.md).",
+    )
     sub = parser.add_subcommands(dest="command")
 
     train = _run_parser("Train a model (regimes: centralized, local) and write metrics.json, history.csv, checkpoints, plots.")
