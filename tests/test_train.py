@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitfl.cli import main as cli_main
 from splitfl.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, TrainConfig
 from splitfl.train import CHECKPOINT, RunError, run
 

@@ -13,13 +13,10 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
 from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from splitfl.config import RunConfig

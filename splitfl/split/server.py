@@ -7,8 +7,7 @@ can wrap these handlers unchanged. A message that fails validation raises
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
