@@ -18,6 +18,7 @@ from .keys import (
     save_secret_context,
 )
 from .linear import PackedLinearHE
+from .mlp import MLP_DEPTH, PackedMLPHE, mlp_public_context_bytes
 from .packing import PackedLayout
 from .params import (
     PRESETS,
@@ -35,9 +36,11 @@ __all__ = [
     "CKKSParams",
     "EncryptedBatch",
     "HEError",
+    "MLP_DEPTH",
     "PRESETS",
     "PackedLayout",
     "PackedLinearHE",
+    "PackedMLPHE",
     "check_depth",
     "check_key_switching",
     "check_security",
@@ -47,6 +50,7 @@ __all__ = [
     "load_public_context",
     "load_secret_context",
     "max_abs_value",
+    "mlp_public_context_bytes",
     "params_of",
     "public_context_bytes",
     "save_secret_context",
