@@ -102,6 +102,20 @@ def test_split_he_step_equals_split_plain_step(tmp_path):
     assert he["wire"]["bytes_per_sample_up"] < 64 * 1024
 
 
+@pytest.mark.parametrize("modality", ["fundus", "histology"])
+def test_split_he_step_matches_plain_for_multiclass_heads(tmp_path, modality):
+    """Ordinal 5-grade fundus (K=5) and 4-class histology (K=4), RGB: the packed head handles any K."""
+    runs = {}
+    for regime in ("split-plain", "split-he"):
+        cfg = one_step_config(regime)
+        cfg.data.modality = modality
+        cfg.model.name = "resnet10t"
+        runs[regime] = run(cfg, tmp_path / regime)
+    w1, w2 = _weights(tmp_path / "split-plain"), _weights(tmp_path / "split-he")
+    assert max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1) < HE_STEP_TOLERANCE
+    assert runs["split-he"]["val"]["auroc_macro"] == pytest.approx(runs["split-plain"]["val"]["auroc_macro"], abs=1e-3)
+
+
 def test_split_he_transcript_holds_only_ciphertexts_and_updates(tmp_path):
     cfg = tiny_config(regime="split-he")
     cfg.train.epochs = 1
