@@ -39,7 +39,7 @@ from .linear import PackedLinearHE
 from .params import get_preset, max_abs_value
 from .wire import EncryptedBatch
 
-__all__ = ["main", "run_benchmark", "format_table"]
+__all__ = ["main", "run_benchmark", "format_table", "run_mlp_benchmark"]
 
 
 def _median(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
@@ -308,6 +308,43 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_mlp_benchmark(batch: int, dim: int, classes: int, hidden: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+    """The encrypted MLP head (square activation, 'deep' preset) against the same head in torch."""
+    from .mlp import PackedMLPHE, mlp_public_context_bytes
+
+    params = get_preset("deep")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=g).clamp(-4, 4)
+    w1, b1 = torch.randn(hidden, dim, generator=g) * 0.05, torch.randn(hidden, generator=g) * 0.05
+    w2, b2 = torch.randn(classes, hidden, generator=g) * 0.05, torch.randn(classes, generator=g) * 0.05
+
+    def plain() -> torch.Tensor:
+        return F.linear(F.linear(x, w1, b1).square(), w2, b2)
+
+    secret = create_secret_context(params)
+    head = PackedMLPHE(dim, hidden, classes, batch, params.slots, (0.0, 0.0, 1.0))
+    server_ctx = load_public_context(mlp_public_context_bytes(secret, head.rotation_steps()))
+    out: dict[str, torch.Tensor] = {}
+
+    def encrypted_round() -> None:
+        enc = EncryptedBatch.from_bytes(server_ctx, head.encrypt_activations(secret, x).to_bytes())
+        reply = head.forward(enc, w1, b1, w2, b2).to_bytes()
+        out["logits"] = head.decrypt_logits(secret, EncryptedBatch.from_bytes(secret, reply))
+
+    t_plain, _ = _median(plain, max(repeats, 9))
+    t_he, _ = _median(encrypted_round, repeats, warmup=1)
+    return {
+        "hidden": hidden,
+        "preset": params.name,
+        "plaintext_seconds": t_plain,
+        "packed_round_seconds": t_he,
+        "ratio_to_plaintext": t_he / t_plain,
+        "samples_per_second": batch / t_he,
+        "rotation_steps": len(head.rotation_steps()),
+        "max_abs_error": float((out["logits"] - plain()).abs().max()),
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -318,6 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per measurement (median)")
     parser.add_argument("--per-sample", type=int, default=2, help="samples timed for the per-sample baseline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mlp-hidden", type=int, default=16, help="also time the encrypted MLP head (0: skip)")
     args = parser.parse_args(argv)
     result = run_benchmark(
         batch=args.batch,
@@ -329,6 +367,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         seed=args.seed,
     )
     print(format_table(result))
+    if args.mlp_hidden > 0:
+        mlp = run_mlp_benchmark(args.batch, args.dim, args.classes, args.mlp_hidden, seed=args.seed)
+        result["mlp_head"] = mlp
+        print(
+            f"\nMLP head {args.dim}->{args.mlp_hidden}->{args.classes} (square activation, {mlp['preset']} preset, "
+            f"{mlp['rotation_steps']} rotation steps per hidden unit): encrypted round {mlp['packed_round_seconds'] * 1e3:.0f} ms "
+            f"({mlp['samples_per_second']:.0f} samples/s), plaintext {mlp['plaintext_seconds'] * 1e3:.3f} ms, "
+            f"max abs error {mlp['max_abs_error']:.1e}"
+        )
     if args.json:
         from ..artifacts import write_json
 
