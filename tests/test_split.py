@@ -188,3 +188,27 @@ def test_split_he_linear_probe_caches_embeddings_and_sends_no_gradients(tmp_path
     kinds = [json.loads(l)["kind"] for l in (tmp_path / "transcript" / "index.jsonl").read_text().splitlines()]
     assert kinds == ["activations_in", "logits_out", "head_update_in"]
     assert metrics["protocol"]["encoder_trainable"] is False
+
+
+@pytest.mark.parametrize("activation", ["relu", "square"])
+def test_mlp_head_split_he_matches_plain_matches_centralized(tmp_path, activation):
+    """cut: mlp. Both affine layers run on ciphertexts; the hospital applies the activation between them."""
+    results = {}
+    for regime in ("centralized", "split-plain", "split-he"):
+        cfg = one_step_config(regime)
+        cfg.model.cut = "mlp"
+        cfg.model.mlp_hidden = 16
+        cfg.model.mlp_activation = activation
+        cfg.split.transcript = regime == "split-he"
+        results[regime] = run(cfg, tmp_path / regime)
+    w = {r: _weights(tmp_path / r) for r in results}
+    diff = lambda a, b: max((w[a][k].float() - w[b][k].float()).abs().max().item() for k in w[a])  # noqa: E731
+    assert diff("centralized", "split-plain") < 1e-6
+    assert 0 < diff("split-plain", "split-he") < HE_STEP_TOLERANCE
+    kinds = [json.loads(l)["kind"] for l in (tmp_path / "split-he" / "transcript" / "index.jsonl").read_text().splitlines()
+             if json.loads(l)["step"] == 0]
+    assert kinds == [
+        "layer0_activations_in", "layer0_logits_out", "layer1_activations_in", "layer1_logits_out",
+        "layer1_logit_grads_in", "layer1_activation_grads_out", "layer0_logit_grads_in", "layer0_activation_grads_out",
+        "head_update_in",
+    ]

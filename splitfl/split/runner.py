@@ -39,22 +39,25 @@ class SplitRunner:
         from splitfl.train import RunError, make_optimizer, make_scheduler
 
         self.fabric, self.cfg, self.task = fabric, cfg, splits.task
-        if cfg.model.cut != "pooled":
+        if cfg.model.cut not in ("pooled", "mlp"):
             raise RunError(
-                f"model.cut={cfg.model.cut!r}: split regimes run a linear server head on pooled features; "
-                "use model.cut: pooled (MLP heads over CKKS are not available yet)"
+                f"model.cut={cfg.model.cut!r}: split regimes run the server head on pooled features; "
+                "use model.cut: pooled (linear head) or mlp (linear -> activation -> linear)"
             )
         self.split_model, report = build_split_model(cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size)
         if report is not None:
             fabric.print(str(report))
         self.device = fabric.device
         self.encoder = self.split_model.encoder.to(self.device)
-        linear = self.split_model.head.linear_layers()[0]
+        head = self.split_model.head
+        self.head_layers = head.linear_layers()
+        self.head_activation = getattr(head, "act", None)  # between the layers of an MLP head; public architecture
+        linear = self.head_layers[0]
         enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
         self.encoder_trainable = bool(enc_params)
         self.enc_opt = make_optimizer(enc_params, cfg.train) if enc_params else None
         self.enc_sched = make_scheduler(self.enc_opt, cfg.train) if self.enc_opt is not None else None
-        head_opt = make_optimizer(list(linear.parameters()), cfg.train)
+        head_opt = make_optimizer(list(head.parameters()), cfg.train)
         head_sched = make_scheduler(head_opt, cfg.train)
         self.loss_fn = make_loss(splits.task)
         self.metrics = TaskMetrics(splits.task, device="cpu")
@@ -65,7 +68,8 @@ class SplitRunner:
         if scfg.transcript:
             recorder = TranscriptRecorder(
                 out_dir / "transcript", scfg.transcript_max_steps,
-                {"regime": cfg.regime, "in_features": linear.in_features, "num_classes": linear.out_features,
+                {"regime": cfg.regime, "in_features": linear.in_features, "num_classes": self.head_layers[-1].out_features,
+                 "head_layers": [[l.in_features, l.out_features] for l in self.head_layers],
                  "batch_size": cfg.train.batch_size, "he_preset": scfg.he_preset if self.he else None,
                  "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm},
             )
@@ -80,11 +84,11 @@ class SplitRunner:
             secret = load_secret_context(key_file) if key_file.exists() else create_secret_context(PRESETS[scfg.he_preset])
             if not key_file.exists():
                 save_secret_context(secret, key_file)
-            self.server = SplitServer(linear, head_opt, head_sched, "he", public_context_bytes(secret),
+            self.server = SplitServer(head, head_opt, head_sched, "he", public_context_bytes(secret),
                                       cfg.train.batch_size, recorder)
             self.transport: PlainTransport | HETransport = HETransport(self.server, secret, cfg.train.batch_size)
         else:
-            self.server = SplitServer(linear, head_opt, head_sched, "plain", recorder=recorder)
+            self.server = SplitServer(head, head_opt, head_sched, "plain", recorder=recorder)
             self.transport = PlainTransport(self.server)
 
         self.sites = partition_dataset(splits.train, cfg.data.partition)
@@ -123,18 +127,23 @@ class SplitRunner:
         bs = self.cfg.train.eval_batch_size
         return torch.cat([self.encoder(dataset._x[i:i + bs].to(self.device)).cpu() for i in range(0, len(dataset), bs)])
 
-    def _head_update(self, grad_logits: torch.Tensor, feats: torch.Tensor, site: int) -> torch.Tensor:
-        """The head gradient [dW | db] the server needs; per-sample clipped and noised when DP is on."""
-        x1 = torch.cat([feats.detach().cpu().float(), torch.ones(len(feats), 1)], dim=1)
-        g = grad_logits.detach().cpu().float()
+    def _head_update(self, deltas: list[torch.Tensor], inputs: list[torch.Tensor], site: int) -> torch.Tensor:
+        """The head gradient the server needs: every layer's [dW | db], flattened; per-sample clipped and noised under DP.
+
+        ``deltas[l]`` is dL/d(output of layer l) and ``inputs[l]`` its input, for the
+        batch-mean loss. A layer's per-sample gradient is an outer product, so its
+        norm is |delta_i| * |[input_i, 1]|; clipping uses the norm over all layers.
+        """
+        xs = [torch.cat([x.detach().cpu().float(), torch.ones(len(x), 1)], dim=1) for x in inputs]
+        gs = [g.detach().cpu().float() for g in deltas]
         scfg = self.cfg.split
         if scfg.dp_max_grad_norm <= 0:
-            return g.t() @ x1
-        batch = len(g)
-        per_sample_g = g * batch  # gradients of each sample's own loss (the loss is a batch mean)
-        norms = per_sample_g.norm(dim=1) * x1.norm(dim=1)
+            return torch.cat([(g.t() @ x).flatten() for g, x in zip(gs, xs)])
+        batch = len(gs[0])
+        per_sample = [g * batch for g in gs]  # gradients of each sample's own loss (the loss is a batch mean)
+        norms = torch.sqrt(sum((g.norm(dim=1) * x.norm(dim=1)) ** 2 for g, x in zip(per_sample, xs)))
         factors = (scfg.dp_max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
-        summed = (per_sample_g * factors[:, None]).t() @ x1
+        summed = torch.cat([((g * factors[:, None]).t() @ x).flatten() for g, x in zip(per_sample, xs)])
         denominator = batch
         if self.dp:
             sigma = scfg.dp_noise_multiplier * scfg.dp_max_grad_norm
@@ -157,17 +166,43 @@ class SplitRunner:
         loader = epoch_loader(self.sites[site], self.cfg.train.batch_size, self.cfg.seed + 7919 * site, epoch)
         return (torch.as_tensor(b, dtype=torch.long) for b in loader.batch_sampler)
 
+    def _he_forward(self, feats: torch.Tensor, train: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Layer by layer over CKKS; the hospital applies the activation between layers.
+
+        Returns the logits, each layer's input and the pre-activations (for the backward pass).
+        """
+        inputs, pre = [feats.detach().cpu().float()], []
+        z = self.transport.forward(inputs[0], train=train, layer=0)
+        for layer in range(1, len(self.head_layers)):
+            pre.append(z)
+            with torch.no_grad():
+                inputs.append(self.head_activation(z))
+            z = self.transport.forward(inputs[-1], train=train, layer=layer)
+        return z, inputs, pre
+
     def _step(self, site: int, index: torch.Tensor) -> float:
         data = self.sites[site]
         images, labels = data[index]
         feats = self._features(data, images, index)
-        logits = self.transport.forward(feats).to(self.device).requires_grad_(True)
-        loss = self.loss_fn(logits, labels.to(self.device))
-        loss.backward()
-        g = logits.grad.detach()
-        update = self._head_update(g, feats, site) if self.he else None
-        # A frozen encoder needs no activation gradient: in split-he only the head update then travels.
-        grad_feats = self.transport.backward(g, feats, update, need_input_grad=self.encoder_trainable)
+        if not self.he:
+            logits = self.transport.forward(feats).to(self.device).requires_grad_(True)
+            loss = self.loss_fn(logits, labels.to(self.device))
+            loss.backward()
+            grad_feats = self.transport.backward(logits.grad.detach(), tuple(feats.shape))
+        else:
+            z, inputs, pre = self._he_forward(feats, train=True)
+            logits = z.requires_grad_(True)
+            loss = self.loss_fn(logits, labels.cpu())
+            loss.backward()
+            deltas = [logits.grad.detach()]
+            for layer in range(len(self.head_layers) - 1, 0, -1):  # encrypted backward through the hidden layers
+                grad_act = self.transport.input_grad(deltas[0], layer)
+                z_prev = pre[layer - 1].clone().requires_grad_(True)
+                self.head_activation(z_prev).backward(grad_act)
+                deltas.insert(0, z_prev.grad.detach())
+            # A frozen encoder needs no activation gradient: only the head update then travels.
+            grad_feats = self.transport.input_grad(deltas[0], 0) if self.encoder_trainable else None
+            self.transport.send_update(self._head_update(deltas, inputs, site))
         if self.encoder_trainable:
             self.enc_opt.zero_grad(set_to_none=True)
             feats.backward(grad_feats.to(feats.device, feats.dtype))
@@ -211,7 +246,10 @@ class SplitRunner:
             index = torch.arange(start, min(start + bs, len(dataset)))
             images, labels = dataset[index]
             feats = self._features(dataset, images, index if frozen_cache else None)
-            logits = self.transport.forward(feats, train=False).cpu()
+            if self.he:
+                logits = self._he_forward(feats, train=False)[0].cpu()
+            else:
+                logits = self.transport.forward(feats, train=False).cpu()
             self.metrics.update(logits, labels, loss=self.loss_fn(logits, labels).item())
         return self.metrics.compute()
 

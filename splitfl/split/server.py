@@ -19,18 +19,21 @@ Mode = Literal["plain", "he"]
 
 
 class SplitServer:
-    """Holds the linear head (weight K x d, bias K) and its optimizer.
+    """Holds the head (a linear layer, or linear -> activation -> linear) and its optimizer.
 
     ``plain`` mode: receives activations, returns logits; receives the logit
-    gradient, returns the activation gradient and updates its head itself.
-    ``he`` mode: computes on ciphertexts under a public context (no secret
-    key) and updates its head from the batch-aggregated, optionally clipped
-    and noised, head gradient that the hospital sends.
+    gradient, returns the activation gradient and updates its head itself
+    (autograd through the whole head: the server sees everything).
+    ``he`` mode: evaluates each affine layer on ciphertexts under a public
+    context (no secret key); between layers of an MLP head the hospital, the
+    key holder, applies the activation and re-encrypts, so the server sees
+    nothing but ciphertexts. It updates its head from the batch-aggregated,
+    optionally clipped and noised, gradient that the hospital sends.
     """
 
     def __init__(
         self,
-        head: nn.Linear,
+        head: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Optional[Any],
         mode: Mode,
@@ -38,12 +41,14 @@ class SplitServer:
         batch_capacity: int = 64,
         recorder: Optional[TranscriptRecorder] = None,
     ) -> None:
-        if not isinstance(head, nn.Linear):
-            raise ProtocolError(f"the server head must be linear for split learning over CKKS, got {type(head).__name__}")
-        self.head, self.optimizer, self.scheduler, self.mode = head, optimizer, scheduler, mode
+        layers = [head] if isinstance(head, nn.Linear) else list(getattr(head, "linear_layers", lambda: [])())
+        if not layers:
+            raise ProtocolError(f"the server head must be linear or expose linear_layers(), got {type(head).__name__}")
+        self.head, self.layers = head, layers
+        self.optimizer, self.scheduler, self.mode = optimizer, scheduler, mode
         self.recorder = recorder
-        self._saved_activations: Optional[torch.Tensor] = None
-        self.he = None
+        self._saved: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.he_layers: list[Any] = []
         self.context = None
         if mode == "he":
             from splitfl.he.keys import load_public_context, params_of
@@ -52,83 +57,107 @@ class SplitServer:
             if public_context is None:
                 raise ProtocolError("split-he server needs the consortium's public context")
             self.context = load_public_context(public_context)
-            self.he = PackedLinearHE(head.in_features, head.out_features, batch_capacity, params_of(self.context).slots)
+            slots = params_of(self.context).slots
+            self.he_layers = [PackedLinearHE(l.in_features, l.out_features, batch_capacity, slots) for l in layers]
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.head.weight.detach().cpu()
+    def he(self) -> Any:
+        """The packed evaluator of the first layer (None in plain mode)."""
+        return self.he_layers[0] if self.he_layers else None
 
-    @property
-    def bias(self) -> torch.Tensor:
-        return self.head.bias.detach().cpu()
+    def _weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lin = self._layer(layer)
+        return lin.weight.detach().cpu(), lin.bias.detach().cpu()
 
-    def _record(self, kind: str, payload: bytes, train: bool) -> None:
+    def _layer(self, layer: int) -> nn.Linear:
+        if not 0 <= layer < len(self.layers):
+            raise ProtocolError(f"layer {layer} does not exist: the head has {len(self.layers)} affine layer(s)")
+        return self.layers[layer]
+
+    def _record(self, kind: str, payload: bytes, train: bool, layer: int = 0) -> None:
         if self.recorder is not None and train:
-            self.recorder.record(kind, payload)
+            self.recorder.record(f"layer{layer}_{kind}" if len(self.layers) > 1 else kind, payload)
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, payload: bytes, train: bool = True) -> bytes:
-        """Activations (plain) or encrypted activations (HE) in, (encrypted) logits out."""
-        self._record("activations_in", payload, train)
+    def forward(self, payload: bytes, train: bool = True, layer: int = 0) -> bytes:
+        """Activations (plain) or encrypted inputs of one affine layer (HE) in, (encrypted) outputs out."""
+        self._record("activations_in", payload, train, layer)
         if self.mode == "plain":
-            x = tensor_from_bytes(payload, "activations", (None, self.head.in_features))
-            with torch.no_grad():
-                logits = nn.functional.linear(x, self.weight, self.bias)
+            x = tensor_from_bytes(payload, "activations", (None, self.layers[0].in_features))
             if train:
-                self._saved_activations = x
+                x.requires_grad_(True)
+                with torch.enable_grad():
+                    out = self.head(x)
+                self._saved = (x, out)
+                logits = out.detach()
+            else:
+                with torch.no_grad():
+                    logits = self.head(x)
             reply = tensor_to_bytes(logits)
         else:
             from splitfl.he.wire import EncryptedBatch
 
-            enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="activations", expect_dim=self.head.in_features)
-            reply = self.he.forward(enc, self.weight, self.bias).to_bytes()
-        self._record("logits_out", reply, train)
+            lin = self._layer(layer)
+            enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="activations", expect_dim=lin.in_features)
+            reply = self.he_layers[layer].forward(enc, *self._weights(layer)).to_bytes()
+        self._record("logits_out", reply, train, layer)
         return reply
 
-    def backward(self, payload: bytes) -> bytes:
-        """Logit gradient in (plain, or encrypted in HE), activation gradient out.
+    def backward(self, payload: bytes, layer: Optional[int] = None) -> bytes:
+        """Output gradient in (plain, or encrypted in HE), input gradient out.
 
-        In plain mode the server also updates its head here, from the saved
-        activations; in HE mode the head update arrives separately
-        (:meth:`apply_update`) because the server cannot compute it.
+        Plain mode: the gradient of the logits; the server backpropagates
+        through its head, updates it and returns dL/d(activations). HE mode:
+        the encrypted gradient of one affine layer's output, and the encrypted
+        gradient of its input comes back (with the weights the forward used);
+        the head update arrives separately (:meth:`apply_update`).
         """
-        self._record("logit_grads_in", payload, True)
+        layer = len(self.layers) - 1 if layer is None else layer
+        self._record("logit_grads_in", payload, True, layer)
         if self.mode == "plain":
-            if self._saved_activations is None:
+            if self._saved is None:
                 raise ProtocolError("backward without a preceding training forward")
-            x = self._saved_activations
-            g = tensor_from_bytes(payload, "logit gradient", (x.shape[0], self.head.out_features))
-            grad_x = g @ self.weight
-            self._step(g.t() @ x, g.sum(0))
-            self._saved_activations = None
-            reply = tensor_to_bytes(grad_x)
+            x, out = self._saved
+            g = tensor_from_bytes(payload, "logit gradient", tuple(out.shape))
+            self.optimizer.zero_grad(set_to_none=True)
+            out.backward(g)
+            self.optimizer.step()
+            self._saved = None
+            reply = tensor_to_bytes(x.grad)
         else:
             from splitfl.he.wire import EncryptedBatch
 
-            enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="logit_grads", expect_dim=self.head.out_features)
-            reply = self.he.backward_input(enc, self.weight).to_bytes()
-        self._record("activation_grads_out", reply, True)
+            lin = self._layer(layer)
+            enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="logit_grads", expect_dim=lin.out_features)
+            reply = self.he_layers[layer].backward_input(enc, self._weights(layer)[0]).to_bytes()
+        self._record("activation_grads_out", reply, True, layer)
         if self.mode == "plain" and self.recorder is not None:
             self.recorder.next_step()  # in split-he the step ends with the head update
         return reply
 
+    def update_size(self) -> int:
+        """Length of the flat head update: [W_l | b_l] of every affine layer, row-major, in order."""
+        return sum(l.out_features * (l.in_features + 1) for l in self.layers)
+
     def apply_update(self, payload: bytes) -> None:
-        """HE mode: the hospital's head gradient, [weight | bias] as one (K, d+1) tensor."""
-        self._record("head_update_in", payload, True)
+        """HE mode: the hospital's head gradient, every layer's (out, in+1) block [W | b] flattened."""
+        if self.recorder is not None:
+            self.recorder.record("head_update_in", payload)
         if self.mode != "he":
             raise ProtocolError("head updates are sent only in split-he; in split-plain the server computes them")
-        k, d = self.head.out_features, self.head.in_features
-        update = tensor_from_bytes(payload, "head update", (k, d + 1))
-        self._step(update[:, :d], update[:, d])
+        flat = tensor_from_bytes(payload, "head update", (self.update_size(),))
+        self.optimizer.zero_grad(set_to_none=True)
+        offset = 0
+        for lin in self.layers:
+            k, d = lin.out_features, lin.in_features
+            block = flat[offset:offset + k * (d + 1)].view(k, d + 1)
+            offset += k * (d + 1)
+            lin.weight.grad = block[:, :d].to(lin.weight.device, lin.weight.dtype).clone()
+            lin.bias.grad = block[:, d].to(lin.bias.device, lin.bias.dtype).clone()
+        self.optimizer.step()
         if self.recorder is not None:
             self.recorder.next_step()
-
-    def _step(self, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.head.weight.grad = grad_weight.to(self.head.weight.device, self.head.weight.dtype)
-        self.head.bias.grad = grad_bias.to(self.head.bias.device, self.head.bias.dtype)
-        self.optimizer.step()
 
     def end_epoch(self) -> None:
         if self.scheduler is not None:
@@ -151,4 +180,3 @@ class SplitServer:
 
     def has_secret_key(self) -> bool:
         return bool(self.context is not None and self.context.is_private())
-

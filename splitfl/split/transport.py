@@ -37,68 +37,63 @@ class PlainTransport(_Counting):
         self._send(msg)
         reply = self.server.forward(msg, train=train)
         self._receive(reply)
-        return tensor_from_bytes(reply, "logits", (feats.shape[0], self.server.head.out_features))
+        return tensor_from_bytes(reply, "logits", (feats.shape[0], self.server.layers[-1].out_features))
 
-    def backward(
-        self, grad_logits: torch.Tensor, feats: torch.Tensor, head_update: Optional[torch.Tensor], need_input_grad: bool = True
-    ) -> torch.Tensor:
+    def backward(self, grad_logits: torch.Tensor, feats_shape: tuple[int, ...]) -> torch.Tensor:
         """The server updates its head from the saved activations and returns dL/d(activations)."""
         msg = tensor_to_bytes(grad_logits)
         self._send(msg)
         reply = self.server.backward(msg)
         self._receive(reply)
-        return tensor_from_bytes(reply, "activation gradient", tuple(feats.shape))
+        return tensor_from_bytes(reply, "activation gradient", tuple(feats_shape))
 
 
 class HETransport(_Counting):
-    """split-he: CKKS ciphertexts up and down; only the aggregated head update is plaintext."""
+    """split-he: CKKS ciphertexts up and down, layer by layer; only the aggregated head update is plaintext."""
 
     def __init__(self, server: SplitServer, secret_context: Any, batch_capacity: int) -> None:
         super().__init__(server)
         from splitfl.he.linear import PackedLinearHE
 
+        if server.he is None:
+            raise ProtocolError("split-he transport needs a server in 'he' mode")
         self.ctx = secret_context
         self.capacity = batch_capacity
-        self.he = server.he if server.he is not None else None
-        if self.he is None:
-            raise ProtocolError("split-he transport needs a server in 'he' mode")
-        # The hospital's own packing object, built from public facts (shapes, slots), not from the server.
-        self.he = PackedLinearHE(server.head.in_features, server.head.out_features, batch_capacity, server.he.slots)
+        # The hospital's own packing objects, built from public facts (shapes, slots), not taken from the server.
+        self.layers = [PackedLinearHE(l.in_features, l.out_features, batch_capacity, server.he.slots) for l in server.layers]
 
     def _chunks(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(t, self.capacity, dim=0))
+        return list(torch.split(t.detach().cpu().float(), self.capacity, dim=0))
 
-    def forward(self, feats: torch.Tensor, train: bool = True) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, train: bool = True, layer: int = 0) -> torch.Tensor:
+        """Encrypted inputs of one affine layer up, its decrypted outputs back."""
         from splitfl.he.wire import EncryptedBatch
 
-        outs = []
-        for chunk in self._chunks(feats.detach().cpu()):
-            msg = self.he.encrypt_activations(self.ctx, chunk).to_bytes()
+        he, outs = self.layers[layer], []
+        for chunk in self._chunks(inputs):
+            msg = he.encrypt_activations(self.ctx, chunk).to_bytes()
             self._send(msg)
-            reply = self.server.forward(msg, train=train)
+            reply = self.server.forward(msg, train=train, layer=layer)
             self._receive(reply)
             enc = EncryptedBatch.from_bytes(self.ctx, reply, expect_kind="logits", expect_batch=len(chunk))
-            outs.append(self.he.decrypt_logits(self.ctx, enc))
-        return torch.cat(outs).to(feats.device, torch.float32)
+            outs.append(he.decrypt_logits(self.ctx, enc))
+        return torch.cat(outs).to(inputs.device, torch.float32)
 
-    def backward(
-        self, grad_logits: torch.Tensor, feats: torch.Tensor, head_update: Optional[torch.Tensor], need_input_grad: bool = True
-    ) -> Optional[torch.Tensor]:
-        """Encrypted dL/d(logits) up, encrypted dL/d(activations) down (computed with the pre-update head),
-        then the plaintext aggregated head update."""
+    def input_grad(self, grad_out: torch.Tensor, layer: int) -> torch.Tensor:
+        """Encrypted dL/d(output of a layer) up, decrypted dL/d(its input) back (pre-update weights)."""
         from splitfl.he.wire import EncryptedBatch
 
-        outs = []
-        for chunk in (self._chunks(grad_logits.detach().cpu()) if need_input_grad else []):
-            msg = self.he.encrypt_logit_grads(self.ctx, chunk).to_bytes()
+        he, outs = self.layers[layer], []
+        for chunk in self._chunks(grad_out):
+            msg = he.encrypt_logit_grads(self.ctx, chunk).to_bytes()
             self._send(msg)
-            reply = self.server.backward(msg)
+            reply = self.server.backward(msg, layer=layer)
             self._receive(reply)
             enc = EncryptedBatch.from_bytes(self.ctx, reply, expect_kind="activation_grads", expect_batch=len(chunk))
-            outs.append(self.he.decrypt_activation_grads(self.ctx, enc))
-        if head_update is None:
-            raise ProtocolError("split-he needs the hospital's head update")
-        msg = tensor_to_bytes(head_update)
+            outs.append(he.decrypt_activation_grads(self.ctx, enc))
+        return torch.cat(outs).to(grad_out.device, torch.float32)
+
+    def send_update(self, flat_update: torch.Tensor) -> None:
+        msg = tensor_to_bytes(flat_update)
         self._send(msg)
         self.server.apply_update(msg)
-        return torch.cat(outs).to(feats.device, torch.float32) if outs else None
