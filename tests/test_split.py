@@ -161,6 +161,11 @@ def test_he_server_rejects_tampered_ciphertext_and_keeps_state():
     for bad in (bytes(tampered), good[: len(good) // 2], b"not a ciphertext"):
         with pytest.raises(HEError):
             server.forward(bad)
+    wrong_shape = PackedLinearHE(15, 3, 8, server.he.slots).encrypt_activations(secret, torch.randn(8, 15)).to_bytes()
+    with pytest.raises(HEError, match="(?i)dim|shape|15"):
+        server.forward(wrong_shape)  # activations that do not fit the head
+    with pytest.raises(ProtocolError, match="layer 3 does not exist"):
+        server.forward(good, layer=3)
     other = create_secret_context(PRESETS["default"])  # another consortium's key
     with pytest.raises(HEError, match="(?i)context|fingerprint|key"):
         server.forward(PackedLinearHE(16, 3, 8, server.he.slots).encrypt_activations(other, torch.randn(8, 16)).to_bytes())
