@@ -324,6 +324,7 @@ class SealEngine:
         self.params = CKKSParams(n, key_bits, scale_bits, name)
 
         self._encryptor = self._decryptor = None
+        self.secret_key: sa.SecretKey | None = None  # key holders only: e.g. to generate extra Galois keys
         if self.private:
             secret = _proto_fields(top[3][0], "private context")[1][0]
             sk = sa.SecretKey()
@@ -333,6 +334,7 @@ class SealEngine:
                     sk.load(self.context, self._io.path)
                 finally:
                     self._io.wipe()
+            self.secret_key = sk
             self._encryptor = sa.Encryptor(self.context, sk)
             self._decryptor = sa.Decryptor(self.context, sk)
         self._zero_encryptor: Optional[sa.Encryptor] = None

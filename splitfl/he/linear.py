@@ -45,6 +45,21 @@ _CACHE_VERSIONS = 2  # current and previous weight version
 _Encoded = list[list[Optional[sa.Plaintext]]]
 
 
+def load_ciphertexts(eng: SealEngine, enc: EncryptedBatch, parms_id: list, stage: str) -> list[sa.Ciphertext]:
+    """Parse every ciphertext of a batch, refusing any at another level or scale than ``stage`` expects."""
+    cts = []
+    for i, payload in enumerate(enc.payloads):
+        what = f"ciphertext #{i} of the {enc.kind} batch"
+        ct = eng.load_ciphertext(payload, what)
+        if ct.parms_id() != parms_id or ct.size() != 2 or not math.isclose(ct.scale, eng.scale, rel_tol=1e-9):
+            raise HEError(
+                f"{what} is at the wrong level or scale (size {ct.size()}, scale 2^{math.log2(ct.scale):.2f}); "
+                f"expected {stage} at scale 2^{eng.params.scale_bits}."
+            )
+        cts.append(ct)
+    return cts
+
+
 class PackedLinearHE:
     """Batch-packed CKKS evaluation of ``x @ W.T + b`` and of ``G @ W`` for one head shape.
 
@@ -144,18 +159,7 @@ class PackedLinearHE:
     def _load(self, eng: SealEngine, enc: EncryptedBatch, fresh: bool) -> list[sa.Ciphertext]:
         """Parse every ciphertext and check its level and scale (fresh upload vs rescaled result)."""
         parms_id = eng.first_parms_id if fresh else eng.next_parms_id
-        stage = "a fresh encryption" if fresh else "a result after one rescale"
-        cts = []
-        for i, payload in enumerate(enc.payloads):
-            what = f"ciphertext #{i} of the {enc.kind} batch"
-            ct = eng.load_ciphertext(payload, what)
-            if ct.parms_id() != parms_id or ct.size() != 2 or not math.isclose(ct.scale, eng.scale, rel_tol=1e-9):
-                raise HEError(
-                    f"{what} is at the wrong level or scale (size {ct.size()}, scale 2^{math.log2(ct.scale):.2f}); "
-                    f"expected {stage} at scale 2^{eng.params.scale_bits}."
-                )
-            cts.append(ct)
-        return cts
+        return load_ciphertexts(eng, enc, parms_id, "a fresh encryption" if fresh else "a result after one rescale")
 
     def _check_range(self, eng: SealEngine, enc: EncryptedBatch, gain: float, extra: float, what: str) -> float:
         """Refuse weights that could push an output slot past max_abs_value; return that (public) bound."""

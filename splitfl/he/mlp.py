@@ -51,7 +51,7 @@ import tenseal.sealapi as sa
 import torch
 
 from .keys import SealEngine, _proto_fields, engine_for, public_context_bytes
-from .linear import _check_finite, _checked_matrix, _checked_vector, _to_numpy
+from .linear import _check_finite, _checked_matrix, _checked_vector, _to_numpy, load_ciphertexts
 from .packing import PackedLayout
 from .params import HEError, check_depth, check_key_switching
 from .wire import EncryptedBatch, check_message_shape
@@ -73,19 +73,6 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _secret_key(ctx: ts.Context, eng: SealEngine) -> sa.SecretKey:
-    raw = ctx.serialize(save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
-    secret = _proto_fields(_proto_fields(raw, "context")[3][0], "private context")[1][0]
-    sk = sa.SecretKey()
-    with eng._io.lock:
-        try:
-            eng._io.write(secret)
-            sk.load(eng.context, eng._io.path)
-        finally:
-            eng._io.wipe()
-    return sk
-
-
 def mlp_public_context_bytes(ctx: ts.Context, rotation_steps: list[int]) -> bytes:
     """Server context for an MLP head: public key + relin keys + Galois keys for ``rotation_steps`` only.
 
@@ -104,7 +91,7 @@ def mlp_public_context_bytes(ctx: ts.Context, rotation_steps: list[int]) -> byte
     if not steps or any(s <= 0 or s >= eng.slots for s in steps):
         raise HEError(f"rotation_steps={steps} must be non-empty, within 1..{eng.slots - 1}.")
     gt = eng.context.key_context_data().galois_tool()
-    keygen = sa.KeyGenerator(eng.context, _secret_key(ctx, eng))
+    keygen = sa.KeyGenerator(eng.context, eng.secret_key)
     galois = eng.save(keygen.create_galois_keys(gt.get_elts_from_steps(steps)))
     data = public_context_bytes(ctx, relin=True, galois=False)
     # Protobuf merges repeated occurrences of a singular message field: append
@@ -253,19 +240,6 @@ class PackedMLPHE:
             raise HEError(f"Encrypted {kind} batch has {enc.batch} samples; this head holds at most {self.batch_size}.")
         return eng
 
-    def _load(self, eng: SealEngine, enc: EncryptedBatch, parms_id: list, what_level: str) -> list[sa.Ciphertext]:
-        cts = []
-        for i, payload in enumerate(enc.payloads):
-            what = f"ciphertext #{i} of the {enc.kind} batch"
-            ct = eng.load_ciphertext(payload, what)
-            if ct.parms_id() != parms_id or ct.size() != 2 or not math.isclose(ct.scale, eng.scale, rel_tol=1e-9):
-                raise HEError(
-                    f"{what} is at the wrong level or scale (size {ct.size()}, scale 2^{math.log2(ct.scale):.2f}); "
-                    f"expected {what_level} at scale 2^{eng.params.scale_bits}."
-                )
-            cts.append(ct)
-        return cts
-
     # ----------------------------------------------------------- hospital side
     def encrypt_activations(self, ctx: ts.Context, x: torch.Tensor) -> EncryptedBatch:
         """Encrypt ``x`` (B <= batch_size, in_features), |x| <= value_bound, one sample per slot."""
@@ -280,7 +254,7 @@ class PackedMLPHE:
         """(B, num_classes) logits: slot p (feature group 0) of each class ciphertext."""
         eng = self._incoming(enc, ctx, "logits")
         last = eng.context.last_parms_id()
-        out = np.stack([eng.decrypt(ct) for ct in self._load(eng, enc, last, "the MLP reply (last level)")])
+        out = np.stack([eng.decrypt(ct) for ct in load_ciphertexts(eng, enc, last, "the MLP reply (last level)")])
         vals = out[:, : enc.batch].real.T.copy()  # (B, K)
         limit = self._output_limit(eng)
         peak = float(np.abs(vals).max())
@@ -307,7 +281,7 @@ class PackedMLPHE:
         steps = self.rotation_steps()
         keys = _eval_keys(ctx, eng, steps)
         self._check_range(eng, enc_x.value_bound, w1n, b1n, w2n, b2n)
-        cts = self._load(eng, enc_x, eng.first_parms_id, "a fresh encryption")
+        cts = load_ciphertexts(eng, enc_x, eng.first_parms_id, "a fresh encryption")
 
         ev, enc = eng.evaluator, eng.encoder
         c0, c1, c2 = self.coeffs

@@ -6,7 +6,7 @@ HE transport holds the consortium's secret context, which never leaves it.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
