@@ -102,6 +102,10 @@ class SplitConfig:
     dp_max_grad_norm: float = 0.0  # 0: no clipping (and no DP)
     dp_delta: float = 1e-5
     cache_embeddings: bool = True  # frozen encoder: compute each hospital's features once
+    # MLP head, split-he: evaluate (validation/test) with one round trip, the polynomial activation computed on
+    # ciphertexts by the server (needs model.mlp_activation square/poly2 and he_preset deep), or layer by layer
+    # with the activation at the hospital (training always uses the latter).
+    mlp_inference: Literal["interactive", "noninteractive"] = "interactive"
     transcript: bool = False  # record the server's view (every message in and out) under <out>/transcript
     transcript_max_steps: int = 20  # training steps recorded (evaluation traffic is not recorded)
 

@@ -217,3 +217,39 @@ def test_mlp_head_split_he_matches_plain_matches_centralized(tmp_path, activatio
         "layer1_logit_grads_in", "layer1_activation_grads_out", "layer0_logit_grads_in", "layer0_activation_grads_out",
         "head_update_in",
     ]
+
+
+def test_noninteractive_mlp_inference_matches_interactive(tmp_path, monkeypatch):
+    """Validation/test through the server's one-round polynomial MLP (deep preset) equals the layer-by-layer path."""
+    calls = []
+    real_predict = SplitServer.predict
+    monkeypatch.setattr(SplitServer, "predict", lambda self, payload: calls.append(1) or real_predict(self, payload))
+    results = {}
+    for mode in ("interactive", "noninteractive"):
+        cfg = one_step_config("split-he")
+        cfg.data.n_val = cfg.data.n_test = 64
+        cfg.model.cut = "mlp"
+        cfg.model.mlp_hidden = 8
+        cfg.model.mlp_activation = "square"
+        cfg.split.he_preset = "deep"
+        cfg.split.mlp_inference = mode
+        results[mode] = run(cfg, tmp_path / mode)
+    for split in ("val", "test"):
+        a, b = results["interactive"][split], results["noninteractive"][split]
+        assert b["auroc_macro"] == pytest.approx(a["auroc_macro"], abs=1e-3)
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-3)
+    assert len(calls) == 2  # one chunk of 64 for validation after the epoch, one for the test split
+
+
+def test_noninteractive_inference_refuses_relu_and_shallow_presets(tmp_path):
+    from splitfl.he.params import HEError
+    from splitfl.train import RunError
+
+    cfg = one_step_config("split-he")
+    cfg.model.cut = "mlp"
+    cfg.split.mlp_inference = "noninteractive"
+    with pytest.raises(RunError, match="polynomial activation"):
+        run(cfg, tmp_path / "relu")
+    cfg.model.mlp_activation = "square"
+    with pytest.raises(HEError):
+        run(cfg, tmp_path / "shallow")  # the default preset has one level; the MLP needs three

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from torch import nn
 from lightning.fabric import Fabric
 from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -84,13 +85,17 @@ class SplitRunner:
             secret = load_secret_context(key_file) if key_file.exists() else create_secret_context(PRESETS[scfg.he_preset])
             if not key_file.exists():
                 save_secret_context(secret, key_file)
-            self.server = SplitServer(head, head_opt, head_sched, "he", public_context_bytes(secret),
-                                      cfg.train.batch_size, recorder)
+            public = public_context_bytes(secret)
+            self.noninteractive = cfg.model.cut == "mlp" and scfg.mlp_inference == "noninteractive"
+            if self.noninteractive:
+                public = self._noninteractive_public_context(secret, head)
+            self.server = SplitServer(head, head_opt, head_sched, "he", public, cfg.train.batch_size, recorder)
             self.transport: PlainTransport | HETransport = HETransport(self.server, secret, cfg.train.batch_size)
         else:
             self.server = SplitServer(head, head_opt, head_sched, "plain", recorder=recorder)
             self.transport = PlainTransport(self.server)
 
+        self.noninteractive = getattr(self, "noninteractive", False)
         self.sites = partition_dataset(splits.train, cfg.data.partition)
         self.train_set = splits.train
         self.dp = self.he and scfg.dp_noise_multiplier > 0
@@ -105,6 +110,24 @@ class SplitRunner:
         self.train_bytes_down = 0
         self.train_samples = 0
         self._extras: dict[str, Any] = {}
+
+    def _noninteractive_public_context(self, secret: Any, head: nn.Module) -> bytes:
+        """Public context with relinearisation and exactly the Galois keys the polynomial MLP head needs."""
+        from splitfl.he.keys import params_of
+        from splitfl.he.mlp import MLP_DEPTH, PackedMLPHE, mlp_public_context_bytes
+        from splitfl.he.params import check_depth
+        from splitfl.train import RunError
+
+        coeffs = getattr(getattr(head, "act", None), "coeffs", None)
+        if coeffs is None or len(coeffs) > 3:
+            raise RunError("split.mlp_inference=noninteractive needs a polynomial activation of degree <= 2: "
+                           "set model.mlp_activation to square or poly2")
+        params = params_of(secret)
+        check_depth(params, MLP_DEPTH)  # clear error for a preset with too few levels (use split.he_preset: deep)
+        fc1, fc2 = head.linear_layers()
+        probe = PackedMLPHE(fc1.in_features, fc1.out_features, fc2.out_features, self.cfg.train.batch_size,
+                            params.slots, tuple(coeffs))
+        return mlp_public_context_bytes(secret, probe.rotation_steps())
 
     # ------------------------------------------------------------------ hospital side
 
@@ -246,7 +269,9 @@ class SplitRunner:
             index = torch.arange(start, min(start + bs, len(dataset)))
             images, labels = dataset[index]
             feats = self._features(dataset, images, index if frozen_cache else None)
-            if self.he:
+            if self.noninteractive:
+                logits = self.transport.predict(feats.cpu()).cpu()
+            elif self.he:
                 logits = self._he_forward(feats, train=False)[0].cpu()
             else:
                 logits = self.transport.forward(feats, train=False).cpu()

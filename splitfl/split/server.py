@@ -59,6 +59,13 @@ class SplitServer:
             self.context = load_public_context(public_context)
             slots = params_of(self.context).slots
             self.he_layers = [PackedLinearHE(l.in_features, l.out_features, batch_capacity, slots) for l in layers]
+            self.he_mlp = None
+            coeffs = getattr(getattr(head, "act", None), "coeffs", None)
+            if len(layers) == 2 and coeffs is not None and len(coeffs) <= 3:
+                from splitfl.he.mlp import PackedMLPHE
+
+                self.he_mlp = PackedMLPHE(layers[0].in_features, layers[0].out_features, layers[1].out_features,
+                                          batch_capacity, slots, tuple(coeffs))
 
     @property
     def he(self) -> Any:
@@ -135,6 +142,20 @@ class SplitServer:
         if self.mode == "plain" and self.recorder is not None:
             self.recorder.next_step()  # in split-he the step ends with the head update
         return reply
+
+    def predict(self, payload: bytes) -> bytes:
+        """HE mode, polynomial MLP head: encrypted activations in, encrypted logits out, in one round trip.
+
+        The whole head, activation included, runs on ciphertexts (needs relinearisation and the
+        Galois keys of the head's rotation steps in the public context).
+        """
+        if self.mode != "he" or getattr(self, "he_mlp", None) is None:
+            raise ProtocolError("non-interactive prediction needs split-he with an MLP head whose activation is a polynomial")
+        from splitfl.he.wire import EncryptedBatch
+
+        enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="activations", expect_dim=self.layers[0].in_features)
+        (w1, b1), (w2, b2) = self._weights(0), self._weights(1)
+        return self.he_mlp.forward(enc, w1, b1, w2, b2).to_bytes()
 
     def update_size(self) -> int:
         """Length of the flat head update: [W_l | b_l] of every affine layer, row-major, in order."""

@@ -93,6 +93,24 @@ class HETransport(_Counting):
             outs.append(he.decrypt_activation_grads(self.ctx, enc))
         return torch.cat(outs).to(grad_out.device, torch.float32)
 
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of a polynomial MLP head in one round trip per chunk (see SplitServer.predict)."""
+        from splitfl.he.mlp import PackedMLPHE
+        from splitfl.he.wire import EncryptedBatch
+
+        srv = self.server.he_mlp
+        if srv is None:
+            raise ProtocolError("non-interactive prediction needs an MLP head with a polynomial activation")
+        he = PackedMLPHE(srv.in_features, srv.hidden, srv.num_classes, self.capacity, self.server.he.slots, srv.coeffs)
+        outs = []
+        for chunk in self._chunks(inputs):
+            msg = he.encrypt_activations(self.ctx, chunk).to_bytes()
+            self._send(msg)
+            reply = self.server.predict(msg)
+            self._receive(reply)
+            outs.append(he.decrypt_logits(self.ctx, EncryptedBatch.from_bytes(self.ctx, reply)))
+        return torch.cat(outs).to(inputs.device, torch.float32)
+
     def send_update(self, flat_update: torch.Tensor) -> None:
         msg = tensor_to_bytes(flat_update)
         self._send(msg)
