@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from splitfl.artifacts import save_figure  # noqa: E402
 
@@ -21,6 +22,8 @@ def plot_learning_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], "-o", ms=3, label=f"train{suffix}")
         ax_loss.plot(epochs, [r["val_loss"] for r in rows], "--", label=f"val{suffix}")
         ax_auc.plot(epochs, [r["val_auroc_macro"] for r in rows], "-o", ms=3, label=label)
+    for ax in (ax_loss, ax_auc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=7)
