@@ -253,3 +253,31 @@ def test_noninteractive_inference_refuses_relu_and_shallow_presets(tmp_path):
     cfg.model.mlp_activation = "square"
     with pytest.raises(HEError):
         run(cfg, tmp_path / "shallow")  # the default preset has one level; the MLP needs three
+
+
+def test_split_he_resumes_after_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C in epoch 2: the rerun reuses the consortium key file and continues from the checkpoint."""
+    import splitfl.split.runner as runner_mod
+
+    cfg = tiny_config(regime="split-he")
+    cfg.split.dp_noise_multiplier, cfg.split.dp_max_grad_norm = 1.0, 1.0
+    real_epoch = runner_mod.SplitRunner.train_epoch
+    calls = []
+
+    def interrupted(self, epoch, desc):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch, desc)
+
+    monkeypatch.setattr(runner_mod.SplitRunner, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path)
+    key = (tmp_path / "keys" / "consortium.secret").read_bytes()
+    eps_after_one = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["history"][0]["epsilon"]
+    monkeypatch.setattr(runner_mod.SplitRunner, "train_epoch", real_epoch)
+    metrics = run(cfg, tmp_path)
+    assert (tmp_path / "keys" / "consortium.secret").read_bytes() == key
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert len(history) == 3  # header + epochs 1 and 2, epoch 1 not retrained
+    assert metrics["privacy"]["epsilon"] > eps_after_one  # the accountant continued, not restarted
