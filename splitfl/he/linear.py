@@ -20,7 +20,7 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import tenseal as ts
@@ -43,6 +43,33 @@ _CACHE_VERSIONS = 2  # current and previous weight version
 
 # Weight plaintexts of one weight version: [class][block], None where the block is all zero.
 _Encoded = list[list[Optional[sa.Plaintext]]]
+
+
+def sum_of_products(
+    ev: sa.Evaluator, pairs: Iterable[tuple[sa.Ciphertext, Optional[sa.Plaintext]]]
+) -> Optional[sa.Ciphertext]:
+    """sum ct * pt over the pairs, before any rescale; None when no term is left.
+
+    Pairs whose plaintext is None (all zero) are skipped, and so are products
+    SEAL refuses as "transparent" (identically zero: they would decrypt without
+    the key), so the caller decides what an empty sum becomes.
+    """
+    acc: Optional[sa.Ciphertext] = None
+    term = sa.Ciphertext()
+    for ct, pt in pairs:
+        if pt is None:
+            continue
+        try:
+            ev.multiply_plain(ct, pt, term)
+        except (RuntimeError, ValueError) as e:
+            if "transparent" in str(e):
+                continue
+            raise
+        if acc is None:
+            acc, term = term, sa.Ciphertext()
+        else:
+            ev.add_inplace(acc, term)
+    return acc
 
 
 def load_ciphertexts(eng: SealEngine, enc: EncryptedBatch, parms_id: list, stage: str) -> list[sa.Ciphertext]:
@@ -291,21 +318,7 @@ class PackedLinearHE:
         no term left is a fresh public-key encryption of zero.
         """
         ev = eng.evaluator
-        acc: Optional[sa.Ciphertext] = None
-        term = sa.Ciphertext()
-        for ct, pt in zip(cts, plains):
-            if pt is None:
-                continue
-            try:
-                ev.multiply_plain(ct, pt, term)
-            except RuntimeError as e:
-                if "transparent" in str(e):
-                    continue
-                raise
-            if acc is None:
-                acc, term = term, sa.Ciphertext()
-            else:
-                ev.add_inplace(acc, term)
+        acc = sum_of_products(ev, zip(cts, plains))
         if acc is None:
             acc = eng.encrypt_zero(eng.next_parms_id, eng.scale)
         else:

@@ -51,7 +51,7 @@ import tenseal.sealapi as sa
 import torch
 
 from .keys import SealEngine, _proto_fields, engine_for, public_context_bytes
-from .linear import _check_finite, _checked_matrix, _checked_vector, _to_numpy, load_ciphertexts
+from .linear import _check_finite, _checked_matrix, _checked_vector, _to_numpy, load_ciphertexts, sum_of_products
 from .packing import PackedLayout
 from .params import HEError, check_depth, check_key_switching
 from .wire import EncryptedBatch, check_message_shape
@@ -298,21 +298,7 @@ class PackedMLPHE:
         w1_plain = self._w1_plain(eng, w1n, float(drop[0]))
         acts: list[sa.Ciphertext | None] = []
         for j in range(self.hidden):
-            y = None
-            for ct, pt in zip(cts, w1_plain[j]):
-                if pt is None:
-                    continue
-                term = sa.Ciphertext()
-                try:
-                    ev.multiply_plain(ct, pt, term)
-                except (RuntimeError, ValueError) as e:
-                    if "transparent" in str(e):
-                        continue
-                    raise
-                if y is None:
-                    y = term
-                else:
-                    ev.add_inplace(y, term)
+            y = sum_of_products(ev, zip(cts, w1_plain[j]))
             if y is None:
                 y = eng.encrypt_zero(pid[1], delta)
             else:
@@ -351,23 +337,10 @@ class PackedMLPHE:
             t.scale = s2  # all equal (same Δ^2 / q); pin them for add
         outs = []
         for k in range(self.num_classes):
-            acc = None
             wscale = delta * drop[2] / s2  # after the rescale the logits are back at ~Δ
-            for j, t in enumerate(acts):
-                wkj = g * w2n[k, j]
-                if wkj == 0:
-                    continue
-                term = sa.Ciphertext()
-                try:
-                    ev.multiply_plain(t, _scalar(enc, wkj, pid[2], wscale), term)
-                except (RuntimeError, ValueError) as e:
-                    if "transparent" in str(e):
-                        continue
-                    raise
-                if acc is None:
-                    acc = term
-                else:
-                    ev.add_inplace(acc, term)
+            weights = (g * w2n[k, j] for j in range(len(acts)))
+            acc = sum_of_products(ev, ((t, _scalar(enc, w, pid[2], wscale) if w != 0 else None)
+                                       for t, w in zip(acts, weights)))
             if acc is None:
                 acc = eng.encrypt_zero(pid[3], delta)
             else:
