@@ -19,3 +19,19 @@ def medmnist_dir() -> Path:
     if not folder.is_dir():
         pytest.skip(f"real MedMNIST folder not found ({folder}); set {MEDMNIST_DIR_ENV} to run this test")
     return folder
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    """A hospitals' CKKS context (secret key included) at the default preset, fresh per test module."""
+    from splitfl.he import PRESETS, create_secret_context
+
+    return create_secret_context(PRESETS["default"])
+
+
+@pytest.fixture(scope="module")
+def pub(ctx):
+    """The server's view of ``ctx``: the public context, no secret key."""
+    from splitfl.he import load_public_context, public_context_bytes
+
+    return load_public_context(public_context_bytes(ctx))

@@ -9,7 +9,6 @@ worst case sums 4096 noisy partial products per row, B=1) and <= 1.3e-8 backward
 from __future__ import annotations
 
 import pytest
-import tenseal as ts
 import torch
 import torch.nn.functional as F
 
@@ -29,14 +28,6 @@ TOL = 1e-6
 SLOTS = PRESETS["default"].slots
 
 
-@pytest.fixture(scope="module")
-def ctx() -> ts.Context:
-    return create_secret_context(PRESETS["default"])
-
-
-@pytest.fixture(scope="module")
-def pub(ctx: ts.Context) -> ts.Context:
-    return load_public_context(public_context_bytes(ctx))
 
 
 def _head_weights(d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,14 +30,6 @@ from splitfl.he import (
 from splitfl.he.keys import _proto_fields
 
 
-@pytest.fixture(scope="module")
-def ctx() -> ts.Context:
-    return create_secret_context(PRESETS["default"])
-
-
-@pytest.fixture(scope="module")
-def pub(ctx: ts.Context) -> ts.Context:
-    return load_public_context(public_context_bytes(ctx))
 
 
 # ---------------------------------------------------------------- parameters

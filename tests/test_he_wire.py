@@ -6,7 +6,6 @@ import hashlib
 import struct
 
 import pytest
-import tenseal as ts
 import torch
 
 from splitfl.he import (
@@ -25,14 +24,6 @@ SLOTS = PRESETS["default"].slots
 D, K, B = 512, 5, 64
 
 
-@pytest.fixture(scope="module")
-def ctx() -> ts.Context:
-    return create_secret_context(PRESETS["default"])
-
-
-@pytest.fixture(scope="module")
-def pub(ctx) -> ts.Context:
-    return load_public_context(public_context_bytes(ctx))
 
 
 @pytest.fixture(scope="module")
