@@ -152,8 +152,10 @@ def test_fabric_run_launcher(tmp_path, regime):
         "data: {source: synthetic, n_train: 96, n_val: 64, n_test: 64}\n"
         "train: {epochs: 1, batch_size: 32, progress: false}\n"
     )
+    # Run the console script through this interpreter: a cached venv that was moved
+    # (as .ci/run does) keeps a stale shebang in its scripts.
     proc = subprocess.run(
-        [str(fabric), "run", "--accelerator", "cpu", "splitfl/train.py", "--config", str(cfg), "--out", str(tmp_path / "o")],
+        [sys.executable, str(fabric), "run", "--accelerator", "cpu", "splitfl/train.py", "--config", str(cfg), "--out", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
