@@ -111,12 +111,50 @@ class SplitConfig:
 
 
 @dataclass
+class FedConfig:
+    """Federated averaging (regimes ``fedavg`` and ``fedprox``); ``train.epochs`` is the number of rounds.
+
+    Every round the server sends the global model to a sample of sites; each
+    trains it for ``local_epochs`` on its own images and returns its update
+    (new weights minus global weights), which the server averages weighted by
+    sample counts.
+    """
+
+    local_epochs: int = 1
+    client_fraction: float = 1.0  # share of sites sampled per round (at least one)
+    min_sites: int = 1  # a round with fewer accepted updates leaves the global model unchanged
+    mu: float = 0.01  # FedProx proximal strength (regime fedprox only)
+    server_lr: float = 1.0  # global step on the averaged update (1.0: plain FedAvg)
+    # Plaintext robust aggregation (Yin et al. 2018); secure aggregation needs 'mean'.
+    aggregator: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_ratio: float = 0.1  # trimmed_mean: share cut from each end per coordinate
+    # Keep individual updates from the server: CKKS-encrypted aggregation or pairwise masks (Bonawitz et al.).
+    secure: Literal["none", "he", "masks"] = "none"
+    he_preset: str = "aggregation"
+    # Encrypt only parameters matching these glob patterns (e.g. ['fc.*', 'head.*']); empty: the whole update.
+    # The rest travels and is averaged in plaintext, as NVFlare's partial encryption.
+    he_layers: list[str] = field(default_factory=list)
+    secagg_threshold: Optional[int] = None  # masks: survivors needed to unmask (default: a majority of the round's sites)
+    # Top-k sparsification with error feedback (plaintext aggregation only); 0: send dense updates.
+    topk_fraction: float = 0.0
+    # Reject an update whose L2 norm exceeds this multiple of the round's median norm (needs 3+ updates); 0: off.
+    reject_norm_factor: float = 10.0
+    # Opacus DP-SGD at each site: per-sample clipping, Gaussian noise, Poisson sampling. Give either a noise
+    # multiplier or a target epsilon (the noise is then set for every round's participation).
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: Optional[float] = None
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+
+
+@dataclass
 class RunConfig:
     """One training job."""
 
-    regime: Literal["centralized", "local", "split-plain", "split-he"] = "centralized"
+    regime: Literal["centralized", "local", "split-plain", "split-he", "fedavg", "fedprox"] = "centralized"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    fed: FedConfig = field(default_factory=FedConfig)

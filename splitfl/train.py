@@ -371,7 +371,25 @@ def run_split(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path)
     return {k: v for k, v in result.items() if k != "history"}
 
 
-REGIMES = {"centralized": run_centralized, "local": run_local, "split-plain": run_split, "split-he": run_split}
+def run_fed(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> dict[str, Any]:
+    """fedavg / fedprox: sites train full models locally; the server averages their updates each round."""
+    from splitfl.fed.runner import FedRunner
+
+    fabric.seed_everything(cfg.seed, verbose=False)
+    runner = FedRunner(fabric, cfg, splits, out_dir)
+    result = fit(fabric, runner, cfg, splits, out_dir, cfg.regime)
+    plot_learning_curves({cfg.regime: result["history"]}, out_dir / "learning_curves.png", f"{cfg.regime}: {splits.task.name}")
+    return {k: v for k, v in result.items() if k != "history"}
+
+
+REGIMES = {
+    "centralized": run_centralized,
+    "local": run_local,
+    "split-plain": run_split,
+    "split-he": run_split,
+    "fedavg": run_fed,
+    "fedprox": run_fed,
+}
 
 
 def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:

@@ -103,6 +103,25 @@ def load_secret_context(path: PathLike, n_threads: Optional[int] = None) -> ts.C
     return ctx
 
 
+def consortium_secret_context(key_file: PathLike, preset: str, what: str = "he_preset") -> ts.Context:
+    """The consortium's secret context: read from ``key_file``, or made from ``preset`` and saved there.
+
+    Made once by the key holders (hospitals) and reused on resume, so a resumed
+    run decrypts what it encrypted before; the server never receives this file.
+    ``what`` names the config key in the error for an unknown preset.
+    """
+    from splitfl.he.params import PRESETS
+
+    key_file = Path(key_file)
+    if key_file.exists():
+        return load_secret_context(key_file)
+    if preset not in PRESETS:
+        raise HEError(f"{what}={preset!r} is not a preset; choose one of {sorted(PRESETS)}")
+    ctx = create_secret_context(PRESETS[preset])
+    save_secret_context(ctx, key_file)
+    return ctx
+
+
 def public_context_bytes(ctx: ts.Context, *, relin: bool = False, galois: bool = False) -> bytes:
     """The server's context: parameters + public key, no secret key, evaluation keys only if asked.
 

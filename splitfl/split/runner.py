@@ -75,16 +75,10 @@ class SplitRunner:
                  "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm},
             )
         if self.he:
-            from splitfl.he.keys import create_secret_context, load_secret_context, public_context_bytes, save_secret_context
-            from splitfl.he.params import PRESETS, HEError
+            from splitfl.he.keys import consortium_secret_context, public_context_bytes
 
-            if scfg.he_preset not in PRESETS:
-                raise HEError(f"split.he_preset={scfg.he_preset!r} is not a preset; choose one of {sorted(PRESETS)}")
-            key_file = out_dir / SECRET_CONTEXT
             # The consortium's key: made once by the hospitals, kept in a file the server never receives.
-            secret = load_secret_context(key_file) if key_file.exists() else create_secret_context(PRESETS[scfg.he_preset])
-            if not key_file.exists():
-                save_secret_context(secret, key_file)
+            secret = consortium_secret_context(out_dir / SECRET_CONTEXT, scfg.he_preset, "split.he_preset")
             public = public_context_bytes(secret)
             self.noninteractive = cfg.model.cut == "mlp" and scfg.mlp_inference == "noninteractive"
             if self.noninteractive:

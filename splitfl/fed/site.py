@@ -1,0 +1,139 @@
+"""One hospital in federated averaging: local training on its own images, optionally with DP-SGD.
+
+A site receives the global model, trains a copy for ``fed.local_epochs`` and
+returns its update (new minus global weights). With differential privacy the
+local training is Opacus DP-SGD (per-sample clipping, Gaussian noise, Poisson
+sampling) and the site's RDP accountant persists across rounds, so the epsilon
+it reports is what all its rounds together have spent.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+from torch.utils.data import DataLoader
+
+from splitfl.config import RunConfig
+from splitfl.data.base import ArrayDataset
+from splitfl.fed.flat import FlatSpec
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (site, round, ...), stable across runs and resumes."""
+    value = 0x9E3779B97F4A7C15
+    for p in parts:
+        value = (value * 6364136223846793005 + p + 1442695040888963407) % (1 << 63)
+    return value
+
+
+class Site:
+    """A hospital's local trainer; holds its data, its DP accountant and nothing else between rounds."""
+
+    def __init__(self, index: int, dataset: ArrayDataset, cfg: RunConfig, loss_fn: nn.Module, device: torch.device) -> None:
+        self.index, self.dataset, self.cfg, self.loss_fn, self.device = index, dataset, cfg, loss_fn, device
+        fed = cfg.fed
+        self.dp = fed.dp_noise_multiplier > 0 or fed.dp_target_epsilon is not None
+        self.accountant: Optional[RDPAccountant] = RDPAccountant() if self.dp else None
+        self.noise_multiplier = fed.dp_noise_multiplier
+        if self.dp and fed.dp_target_epsilon is not None:
+            # Noise for the whole run, assuming the site takes part in every round (conservative when sampled).
+            steps = cfg.train.epochs * fed.local_epochs * self.batches_per_epoch
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=fed.dp_target_epsilon,
+                target_delta=fed.dp_delta,
+                sample_rate=self.sample_rate,
+                steps=steps,
+                accountant="rdp",
+            )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.dataset) / self.cfg.train.batch_size))
+
+    @property
+    def sample_rate(self) -> float:
+        """Poisson sampling rate, as Opacus derives it from the loader (1 / batches per epoch)."""
+        return 1.0 / self.batches_per_epoch
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at fed.dp_delta (0 before the first DP step; inf without DP)."""
+        if self.accountant is None:
+            return math.inf
+        return self.accountant.get_epsilon(self.cfg.fed.dp_delta) if len(self.accountant) else 0.0
+
+    def train(self, global_model: nn.Module, spec: FlatSpec, global_flat: np.ndarray, round_index: int, lr: float) -> tuple[np.ndarray, float]:
+        """Train a copy of the global model locally; return (update, mean training loss)."""
+        from splitfl.train import RunError, make_optimizer
+
+        local = copy.deepcopy(global_model).to(self.device)
+        local.train()
+        model: nn.Module = local  # under DP, Opacus' wrapper around the same parameters
+        trainable = [p for p in local.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trainable, dataclasses.replace(self.cfg.train, lr=lr))
+        generator = torch.Generator().manual_seed(_seed(self.cfg.seed, self.index, round_index))
+        loader = DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator)
+        if self.dp:
+            engine = PrivacyEngine(accountant="rdp")
+            engine.accountant = self.accountant  # one accountant per site, across rounds
+            model, optimizer, loader = engine.make_private(
+                module=local,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.cfg.fed.dp_max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=torch.Generator(device=self.device).manual_seed(_seed(self.cfg.seed, self.index, round_index, 1)),
+                # Per-sample gradients through torch's ExpandedWeights: hook-based modes break on residual blocks
+                # that add in place to a normalisation output (timm ResNets' `x += shortcut`).
+                grad_sample_mode="ew",
+            )
+        anchor = [p.detach().clone() for p in local.parameters()] if self.cfg.regime == "fedprox" else None
+        total, count = 0.0, 0
+        for _ in range(self.cfg.fed.local_epochs):
+            for images, targets in loader:
+                if len(targets) == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                images, targets = images.to(self.device), targets.to(self.device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(model(images), targets)
+                if not torch.isfinite(loss):
+                    raise RunError(f"site {self.index} round {round_index + 1}: loss became {loss.item()}; lower train.lr")
+                loss.backward()
+                optimizer.step()
+                if anchor is not None:
+                    self._proximal_step(local, anchor, lr)
+                total += loss.item() * len(targets)
+                count += len(targets)
+        update = spec.flatten(local) - global_flat
+        return update, total / max(count, 1)
+
+    def _proximal_step(self, model: nn.Module, anchor: list[torch.Tensor], lr: float) -> None:
+        """FedProx: a gradient step on mu/2 ||w - w_global||^2, taken after the optimizer's step.
+
+        For SGD this equals adding the term to the loss. Kept outside the optimizer
+        so DP-SGD never clips or noises it: it does not depend on the data, so it
+        costs no privacy.
+        """
+        mu = self.cfg.fed.mu
+        with torch.no_grad():
+            for p, a in zip(model.parameters(), anchor):
+                if p.requires_grad:
+                    p.sub_(lr * mu * (p - a))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"accountant": self.accountant.state_dict() if self.accountant is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.accountant is not None and state.get("accountant") is not None:
+            self.accountant.load_state_dict(state["accountant"])
