@@ -213,6 +213,23 @@ def test_fedavg_dp_reports_epsilon_per_site_and_round(tmp_path):
     assert not any("running_mean" in k for k in state)  # no BatchNorm left
 
 
+def test_dp_sgd_really_clips_per_sample_gradients(tmp_path):
+    """With a tiny clipping bound and almost no noise, a site's update is bounded by steps x lr x C."""
+    cfg = fed_config()
+    cfg.train.optimizer, cfg.train.lr = "sgd", 1.0
+    cfg.train.momentum = 0.0
+    cfg.fed.dp_noise_multiplier, cfg.fed.dp_max_grad_norm = 1e-6, 1e-3
+    runner = make_runner(cfg, tmp_path)
+    site = runner.sites[0]
+    update, _ = runner.local_update(0, 0, runner.lr())
+    # Opacus divides the clipped sum by the expected batch size; a Poisson batch may be larger, hence the slack.
+    bound = site.batches_per_epoch * 3 * cfg.train.lr * cfg.fed.dp_max_grad_norm
+    assert 0 < np.linalg.norm(update) <= bound
+    cfg.fed.dp_noise_multiplier = 0.0
+    plain_update, _ = make_runner(cfg, tmp_path / "nodp").local_update(0, 0, runner.lr())
+    assert np.linalg.norm(plain_update) > 100 * bound
+
+
 def test_fedavg_resumes_after_an_interrupt(tmp_path, monkeypatch):
     from splitfl.fed.runner import FedRunner
 

@@ -103,6 +103,7 @@ class SplitRunner:
         self.train_bytes_up = 0
         self.train_bytes_down = 0
         self.train_samples = 0
+        self.epochs_done = 0
         self._extras: dict[str, Any] = {}
 
     def _noninteractive_public_context(self, secret: Any, head: nn.Module) -> bytes:
@@ -248,6 +249,7 @@ class SplitRunner:
         self.train_bytes_up += up
         self.train_bytes_down += down
         self.train_samples += count
+        self.epochs_done += 1
         self._extras = {"bytes_up": up, "bytes_down": down}
         if self.dp:
             self._extras["epsilon"] = self.epsilon()
@@ -289,7 +291,7 @@ class SplitRunner:
             "server": self.server.state_dict(),
             "accountants": [a.state_dict() for a in self.accountants],
             "noise_rng": self._noise.get_state(),
-            "counters": (self.train_bytes_up, self.train_bytes_down, self.train_samples),
+            "counters": (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done),
             "transcript_step": self.server.recorder.step if self.server.recorder is not None else 0,
         }
 
@@ -303,7 +305,7 @@ class SplitRunner:
         for acc, s in zip(self.accountants, state["accountants"]):
             acc.load_state_dict(s)
         self._noise.set_state(state["noise_rng"])
-        self.train_bytes_up, self.train_bytes_down, self.train_samples = state["counters"]
+        self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done = state["counters"]
 
     def model_state(self) -> dict[str, Any]:
         return self.split_model.state_dict()
@@ -331,6 +333,8 @@ class SplitRunner:
                 "train_bytes_down": self.train_bytes_down,
                 "bytes_per_sample_up": self.train_bytes_up / samples,
                 "bytes_per_sample_down": self.train_bytes_down / samples,
+                # a "round" of split training is one epoch over every hospital's data
+                "bytes_per_round": (self.train_bytes_up + self.train_bytes_down) / max(self.epochs_done, 1),
             },
         }
         if self.dp:
