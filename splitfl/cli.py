@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from splitfl.compare import CompareError, build_compare_parser, cmd_compare
 from splitfl.config import RunConfig
 
 
@@ -21,7 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from splitfl.models import ModelError
     from splitfl.train import RunError
 
-    return (DataError, ModelError, RunError, FileNotFoundError)
+    return (DataError, ModelError, RunError, CompareError, FileNotFoundError)
 
 
 def _run_parser(description: str) -> ArgumentParser:
@@ -47,6 +48,7 @@ def build_parser() -> ArgumentParser:
     train = _run_parser("Train a model (regimes: centralized, local) and write metrics.json, history.csv, checkpoints, plots.")
     train.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
     sub.add_subcommand("train", train, help="train a model")
+    sub.add_subcommand("compare", build_compare_parser(), help="run several regimes on one task and tabulate them")
 
     data = ArgumentParser(description="Inspect datasets and site partitions.")
     sub.add_subcommand("data", data, help="inspect data and partitions")
@@ -82,6 +84,7 @@ def cmd_data_summary(ns: Namespace) -> None:
 
 COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
     ("train",): cmd_train,
+    ("compare",): cmd_compare,
     ("data", "summary"): cmd_data_summary,
 }
 
@@ -89,6 +92,7 @@ COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
 BENCHMARKS: dict[str, str] = {
     "he-head": "splitfl.he.benchmark",  # encrypted linear head vs plaintext and per-sample ciphertexts
     "split-epoch": "splitfl.split.benchmark",  # split-he epoch vs split-plain epoch, end to end
+    "fed-round": "splitfl.he.aggregation_benchmark",  # one FedAvg round: plaintext vs CKKS-encrypted aggregation
 }
 
 

@@ -38,3 +38,67 @@ def plot_learning_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
         return save_figure(path, fig)
     finally:
         plt.close(fig)
+
+
+def plot_comparison(
+    rows: Sequence[Mapping[str, object]], path: str | Path, title: str, reference_auroc: float | None = None
+) -> Path:
+    """Regimes side by side: test macro AUROC, bytes per round (log axis) and training time, one bar per variant.
+
+    ``rows`` hold ``variant``, ``regime``, ``test_auroc_macro``, ``bytes_per_round`` and ``train_seconds``
+    (as :mod:`splitfl.compare` writes them); ``reference_auroc`` (the centralized run) is drawn as a dashed line.
+    """
+    from splitfl.compare import format_bytes
+
+    names = [str(r["variant"]) for r in rows]
+    regimes = list(dict.fromkeys(str(r["regime"]) for r in rows))
+    palette = plt.get_cmap("tab10")
+    colours = [palette(regimes.index(str(r["regime"])) % 10) for r in rows]
+    y = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 1.2 + 0.45 * max(len(rows), 3)), sharey=True)
+    ax_auc, ax_bytes, ax_time = axes
+
+    aucs = [r["test_auroc_macro"] for r in rows]
+    ax_auc.barh(y, [a if a is not None else 0.0 for a in aucs], color=colours)
+    for i, a in enumerate(aucs):
+        ax_auc.text(a if a is not None else 0.0, i, f" {a:.3f}" if a is not None else " n/a", va="center", fontsize=8)
+    known = [float(a) for a in aucs if a is not None]
+    low = min(known + ([reference_auroc] if reference_auroc is not None else []), default=0.5)
+    ax_auc.set_xlim(max(0.0, min(0.5, low - 0.05)), 1.08)
+    ax_auc.axvline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+    if reference_auroc is not None:
+        ax_auc.axvline(reference_auroc, color="black", lw=1.2, ls="--", label=f"centralized {reference_auroc:.3f}")
+    ax_auc.legend(fontsize=8, loc="lower right")
+    ax_auc.set_xlabel("test macro AUROC")
+
+    sent = [float(r["bytes_per_round"] or 0.0) for r in rows]
+    positive = [b for b in sent if b > 0]
+    ax_bytes.set_xscale("log")
+    if positive:
+        floor = min(positive) / 10
+        ax_bytes.barh(y, [b - floor if b > 0 else 0.0 for b in sent], left=floor, color=colours)
+        ax_bytes.set_xlim(floor, max(positive) * 30)
+    for i, b in enumerate(sent):
+        ax_bytes.text(b if b > 0 else (min(positive) / 10 if positive else 1), i,
+                      f" {format_bytes(b)}" if b > 0 else " no network", va="center", fontsize=8)
+    ax_bytes.set_xlabel("bytes sent per round, up + down (log)")
+
+    secs = [float(r["train_seconds"] or 0.0) for r in rows]
+    ax_time.barh(y, secs, color=colours)
+    for i, s in enumerate(secs):
+        ax_time.text(s, i, f" {s:.1f} s", va="center", fontsize=8)
+    ax_time.set_xlim(0, max(secs + [1e-9]) * 1.3)
+    ax_time.set_xlabel("training time (s)")
+
+    ax_auc.set_yticks(y)
+    ax_auc.set_yticklabels(names)
+    ax_auc.invert_yaxis()  # config order, top to bottom
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        return save_figure(path, fig)
+    finally:
+        plt.close(fig)
+

@@ -405,10 +405,6 @@ def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         fabric.launch()
     t0 = time.perf_counter()
     splits = load_splits(cfg.data)
-    if fabric.is_global_zero:
-        import yaml
-
-        write_text(out_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
     fabric.print(
         f"task {splits.task.name} ({splits.task.task_type}, {splits.task.num_outputs} outputs): "
         f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)}; regime {cfg.regime}; "
@@ -424,6 +420,10 @@ def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - t0,
     }
     if fabric.is_global_zero:
+        import yaml
+
+        # Written with the results (not at the start), so a run refused for a changed config leaves no stale pair.
+        write_text(out_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
         write_json(out_dir / "metrics.json", metrics)
         fabric.print(f"test macro AUROC {metrics['test']['auroc_macro']:.4f}; results in {out_dir}/metrics.json")
     return metrics

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from splitfl.data import load_splits
 from splitfl.fed.aggregate import aggregate, check_update, norm_outliers
 from splitfl.fed.compress import TopKCompressor, decompress
 from splitfl.fed.flat import FlatSpec
 from splitfl.train import RunError, make_fabric, run
-from splitfl.data import load_splits
 from tests.test_train import tiny_config
 
 
@@ -155,6 +155,50 @@ def test_garbage_update_is_rejected_and_the_round_goes_on(tmp_path, garbage, rea
     expected = start + sum(sizes[s] * good[s] for s in good) / sum(sizes.values())
     np.testing.assert_allclose(runner.global_flat, expected, atol=1e-6)
     assert np.all(np.isfinite(runner.global_flat))
+
+
+@pytest.mark.parametrize("layers", [[], ["head.*"]])
+def test_he_aggregation_equals_the_plaintext_round_and_the_server_holds_no_key(tmp_path, layers):
+    """fedavg+he: the server adds CKKS ciphertexts with a public context; only key holders decrypt the sum."""
+    results = {}
+    for secure in ("none", "he"):
+        cfg = fed_config()
+        cfg.fed.secure = secure
+        cfg.fed.he_layers = layers if secure == "he" else []
+        runner = make_runner(cfg, tmp_path / secure)
+        runner.train_epoch(0, "round 1")
+        results[secure] = runner
+    he = results["he"]
+    np.testing.assert_allclose(he.global_flat, results["none"].global_flat, atol=1e-6)
+    assert not he.public_ctx.is_private() and he.secret_ctx.is_private()
+    assert not (tmp_path / "he" / "keys" / "consortium.secret").read_bytes() == b""
+    fraction = he.result_extras()["protocol"]["he_encrypted_fraction"]
+    assert fraction == 1.0 if not layers else 0 < fraction < 0.01
+    assert he.result_extras()["protocol"]["server_has_secret_key"] is False
+
+
+def test_he_round_rejects_tampered_and_malformed_uploads(tmp_path):
+    cfg = fed_config()
+    cfg.fed.secure = "he"
+    runner = make_runner(cfg, tmp_path)
+    real_package, real_update = runner._package, runner.local_update
+
+    def tampering(site, update, n_k):
+        payload, enc = real_package(site, update, n_k)
+        if site == 0:
+            enc = enc[:-100] + bytes(100)  # corrupted ciphertext bytes
+        return payload, enc
+
+    def faulty(site, round_index, lr):
+        update, loss = real_update(site, round_index, lr)
+        return (update * np.nan if site == 1 else update), loss
+
+    runner._package, runner.local_update = tampering, faulty
+    runner.train_epoch(0, "round 1")
+    reasons = {r.site: r.reason for r in runner.rejections}
+    assert sorted(reasons) == [0, 1]
+    assert "could not be packaged" in reasons[1]  # the site's own software refuses to encrypt NaNs
+    assert runner.epoch_extras()["accepted"] == 1 and np.all(np.isfinite(runner.global_flat))
 
 
 def test_masked_secure_aggregation_equals_the_plaintext_round(tmp_path):

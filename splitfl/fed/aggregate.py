@@ -9,7 +9,6 @@ of a bad update that passes those checks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -25,7 +24,7 @@ class Rejection:
     reason: str
 
 
-def check_update(update: object, size: int) -> Optional[str]:
+def check_update(update: object, size: int) -> str | None:
     """Why a single update is unusable, or None: wrong type, shape or non-finite values."""
     if not isinstance(update, np.ndarray):
         return f"update is a {type(update).__name__}, not an array"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,14 +87,27 @@ class FedRunner:
         self.compressors = (
             [TopKCompressor(self.spec.size, fed.topk_fraction) for _ in self.sites] if fed.topk_fraction > 0 else None
         )
-        self.he_mask = self.spec.select(fed.he_layers) if fed.secure == "he" else None
+        try:
+            self.he_mask = self.spec.select(fed.he_layers) if fed.secure == "he" else None
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
         self.secret_ctx = self.public_ctx = None
         if fed.secure == "he":
-            from splitfl.he.keys import consortium_secret_context, load_public_context, public_context_bytes
+            from splitfl.he.keys import (
+                consortium_secret_context,
+                load_public_context,
+                public_context_bytes,
+            )
 
             # Key holders: the sites. The server gets the public context only (no secret, no evaluation keys needed).
             self.secret_ctx = consortium_secret_context(out_dir / SECRET_CONTEXT, fed.he_preset, "fed.he_preset")
             self.public_ctx = load_public_context(public_context_bytes(self.secret_ctx))
+            from splitfl.he.aggregation import capacity
+            from splitfl.he.keys import params_of
+
+            # The largest |update coordinate| every site may send so that the count-weighted sum of all sites
+            # cannot overflow the ciphertexts: public (from the parameters and the public sample counts).
+            self.he_value_bound = capacity(params_of(self.secret_ctx)) / sum(len(s) for s in self.sites)
         self.rejections: list[Rejection] = []
         self.bytes_up = 0
         self.bytes_down = 0
@@ -160,7 +173,7 @@ class FedRunner:
         round_up = 0
         losses, counts = [], []
         plain: dict[int, np.ndarray] = {}
-        sealed: dict[int, bytes] = {}
+        enc_sum = self._new_encrypted_sum() if fed.secure == "he" else None
         bar = tqdm(chosen, desc=desc, leave=False, disable=not (self.cfg.train.progress and self.fabric.is_global_zero))
         for site in bar:
             n_k = len(self.sites[site])
@@ -181,21 +194,21 @@ class FedRunner:
                 continue
             round_up += len(payload) + (len(enc) if enc is not None else 0)
             try:
-                plain[site] = self._receive(payload, site)
-                if enc is not None:
-                    self._check_sealed(enc)
-                    sealed[site] = enc
-            except ValueError as exc:
+                received = self._receive(payload, site)
+                if enc_sum is not None:  # checked before its ciphertexts join the sum; a refused one leaves it as it was
+                    problem = check_update(received, received.shape[0])
+                    if problem:
+                        raise ValueError(f"plaintext part: {problem}")
+                    enc_sum.add(enc)
+                plain[site] = received
+            except ValueError as exc:  # HEError is a ValueError too
                 self._reject(epoch, site, str(exc))
-                plain.pop(site, None)
         accepted = self._screen(epoch, plain) if fed.secure != "masks" else sorted(plain)
-        if fed.secure == "he":
-            accepted = [s for s in accepted if s in sealed]
         if fed.secure == "masks":
             aggregate_update = self._masked_sum(epoch, {s: plain[s] for s in accepted})
             round_up += self._secagg_up
         elif len(accepted) >= fed.min_sites:
-            aggregate_update = self._aggregate(accepted, plain, sealed)
+            aggregate_update = self._aggregate(accepted, plain, enc_sum)
         else:
             aggregate_update = None
         if aggregate_update is not None and len(accepted) >= fed.min_sites:
@@ -228,7 +241,7 @@ class FedRunner:
 
     # ------------------------------------------------------------------ wire
 
-    def _package(self, site: int, update: np.ndarray, n_k: int) -> tuple[bytes, Optional[bytes]]:
+    def _package(self, site: int, update: np.ndarray, n_k: int) -> tuple[bytes, bytes | None]:
         """What the site uploads: (plaintext part, encrypted part or None)."""
         fed = self.cfg.fed
         if fed.secure == "he":
@@ -237,7 +250,7 @@ class FedRunner:
             mask = self.he_mask
             if update.shape != mask.shape:  # the site's own software notices before encrypting
                 raise ValueError(f"update has shape {update.shape}, expected {mask.shape}")
-            enc = encrypt_update(self.secret_ctx, update[mask].astype(np.float64), float(n_k))
+            enc = encrypt_update(self.secret_ctx, update[mask].astype(np.float64), float(n_k), value_bound=self.he_value_bound)
             return _vector_bytes(update[~mask]), enc
         if fed.secure == "none" and self.compressors is not None:
             if update.shape != (self.spec.size,):
@@ -256,13 +269,11 @@ class FedRunner:
         except Exception as exc:  # ProtocolError and friends: malformed bytes
             raise ValueError(str(exc)) from exc
 
-    def _check_sealed(self, enc: bytes) -> None:
-        from splitfl.he.aggregation import check_payload
+    def _new_encrypted_sum(self) -> Any:
+        """The server's running sum of this round's encrypted updates (public context only)."""
+        from splitfl.he.aggregation import EncryptedSum
 
-        try:
-            check_payload(self.public_ctx, enc, int(self.he_mask.sum()))
-        except Exception as exc:
-            raise ValueError(f"encrypted update rejected: {exc}") from exc
+        return EncryptedSum(self.public_ctx, int(self.he_mask.sum()))
 
     def _screen(self, round_index: int, plain: dict[int, np.ndarray]) -> list[int]:
         """Validate the plaintext parts; reject non-finite, mis-shaped and wildly scaled updates."""
@@ -283,29 +294,27 @@ class FedRunner:
 
     # ------------------------------------------------------------------ aggregation
 
-    def _aggregate(self, accepted: list[int], plain: dict[int, np.ndarray], sealed: dict[int, bytes]) -> np.ndarray:
+    def _aggregate(self, accepted: list[int], plain: dict[int, np.ndarray], enc_sum: Any) -> np.ndarray:
         fed = self.cfg.fed
         weights = [float(len(self.sites[s])) for s in accepted]
         if fed.secure != "he":
             return aggregate([plain[s] for s in accepted], weights, fed.aggregator, fed.trim_ratio)
-        from splitfl.he.aggregation import decrypt_aggregate, sum_encrypted
+        from splitfl.he.aggregation import decrypt_aggregate
 
         mask = self.he_mask
         out = np.empty(self.spec.size, dtype=np.float32)
         if (~mask).any():
             out[~mask] = aggregate([plain[s] for s in accepted], weights, "mean")
-        summed = sum_encrypted(self.public_ctx, [sealed[s] for s in accepted], int(mask.sum()))  # server, public key only
+        summed = enc_sum.to_bytes()  # the server's aggregate ciphertexts, sent to the key holders
         mean, total = decrypt_aggregate(self.secret_ctx, summed, int(mask.sum()))  # a key holder
         if not math.isclose(total, sum(weights)):
             raise RuntimeError(f"encrypted aggregate counts {total} samples, expected {sum(weights)}")
-        if not np.all(np.isfinite(mean)):
-            raise RuntimeError("the decrypted aggregate is not finite; the round's updates are unusable")
         out[mask] = mean
         # Sites get the encrypted sum (and the plaintext part's mean) back instead of the model.
         self._he_down = len(summed) + (len(_vector_bytes(out[~mask])) if (~mask).any() else 0)
         return out
 
-    def _masked_sum(self, round_index: int, updates: dict[int, np.ndarray]) -> Optional[np.ndarray]:
+    def _masked_sum(self, round_index: int, updates: dict[int, np.ndarray]) -> np.ndarray | None:
         """Pairwise-masked secure sum of count-weighted updates (Bonawitz et al.); the weighted mean, or None."""
         from splitfl.fed.secagg import secure_sum
 

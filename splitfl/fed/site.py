@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class Site:
         self.index, self.dataset, self.cfg, self.loss_fn, self.device = index, dataset, cfg, loss_fn, device
         fed = cfg.fed
         self.dp = fed.dp_noise_multiplier > 0 or fed.dp_target_epsilon is not None
-        self.accountant: Optional[RDPAccountant] = RDPAccountant() if self.dp else None
+        self.accountant: RDPAccountant | None = RDPAccountant() if self.dp else None
         self.noise_multiplier = fed.dp_noise_multiplier
         if self.dp and fed.dp_target_epsilon is not None:
             # Noise for the whole run, assuming the site takes part in every round (conservative when sampled).

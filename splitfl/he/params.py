@@ -118,6 +118,12 @@ PRESETS: dict[str, CKKSParams] = {
     "deep": CKKSParams(16384, (60, 40, 40, 40, 40, 60), 40, "deep"),
     # Smallest secure ring that holds one rescale: fast tests, |error| ~1e-4, 11 integer bits.
     "small": CKKSParams(4096, (40, 29, 40), 29, "small"),
+    # Encrypted FedAvg (splitfl.he.aggregation): additions only (depth 0). Updates are encrypted at the
+    # LAST level, where only the first 60-bit prime is left, so each value costs 8 bytes (seeded) on the
+    # wire; the 36-bit rescale prime (every preset keeps one level and key switching) and the special
+    # prime live only in the keys. Scale 2^36 leaves 24 bits above it: |sum_k n_k * x| up to 2^21 ~ 2.1e6
+    # (aggregation.capacity); error of the sum ~1e-8 per value.
+    "aggregation": CKKSParams(8192, (60, 36, 60), 36, "aggregation"),
 }
 
 

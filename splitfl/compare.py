@@ -1,0 +1,456 @@
+"""``splitfl compare``: run the regimes on one task and tabulate them side by side.
+
+A compare config is a run config without ``regime`` (the shared base: seed,
+data, model, train, split, fed) plus a list of ``variants``, each a name, a
+regime and optional dotted-key overrides of the base::
+
+    fed: {local_epochs: 2}
+    variants:
+      - {name: centralized, regime: centralized}
+      - {name: fedavg+dp, regime: fedavg, overrides: {fed.dp_target_epsilon: 8.0}}
+
+Every variant trains into ``<out>/<name>/`` with :func:`splitfl.train.run`, so
+each is resumable on its own; a variant whose ``metrics.json`` exists and whose
+saved ``config.yaml`` equals its config is reused, not retrained. The table
+(``comparison.md``/``.csv``/``.json``) and figure (``comparison.png``) list,
+in config order, every variant of the config finished in ``<out>``: test macro
+AUROC, its gap to the centralized variant, training time, bytes on the wire per
+round and the DP budget.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import re
+import typing
+from argparse import ArgumentError
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from splitfl.config import (
+    DataConfig,
+    FedConfig,
+    ModelConfig,
+    RunConfig,
+    SplitConfig,
+    TrainConfig,
+)
+
+# The regimes a variant can name: exactly those RunConfig.regime accepts.
+Regime = typing.get_type_hints(RunConfig)["regime"]
+
+OUTPUT_FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,99}")
+_DISPLAY_ONLY = {"train": ("progress",)}  # keys that may differ between a finished run and its variant
+
+
+class CompareError(ValueError):
+    """The compare config or the command line cannot be used as given; the message says why."""
+
+
+@dataclass
+class Variant:
+    """One row of the comparison: a regime and the keys it changes in the shared base config."""
+
+    name: str  # also the folder <out>/<name>
+    regime: Regime
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys of the run config, e.g. fed.secure: he
+
+
+def default_variants() -> list[Variant]:
+    """Every regime once, plus FedAvg with DP-SGD and with encrypted aggregation."""
+    return [
+        Variant("centralized", "centralized"),
+        Variant("local", "local"),
+        Variant("fedavg", "fedavg"),
+        Variant("fedavg+dp", "fedavg", {"fed.dp_target_epsilon": 8.0}),
+        Variant("fedavg+he", "fedavg", {"fed.secure": "he"}),
+        Variant("split-plain", "split-plain"),
+        Variant("split-he", "split-he"),
+    ]
+
+
+@dataclass
+class CompareConfig:
+    """A run config shared by every variant (all keys but ``regime``), and the variants."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    variants: list[Variant] = field(default_factory=default_variants)
+
+
+# ----------------------------------------------------------------------------- variants -> run configs
+
+
+def _leaf_keys(cls: Any = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, sections included (``fed``, ``fed.secure``, ...)."""
+    keys = []
+    for name, sub in typing.get_type_hints(cls).items():
+        if cls is RunConfig and name == "regime":
+            continue
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(sub):
+            keys += _leaf_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def _apply_override(tree: dict[str, Any], key: str, value: Any, variant: str) -> None:
+    """Set one dotted ``key`` in the config dict ``tree``, checking it names a RunConfig key."""
+    if key == "regime":
+        raise CompareError(f"variant {variant!r}: set the regime with 'regime: ...', not in overrides")
+    valid = _leaf_keys()
+    if key not in valid:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "keys are dotted run config keys, e.g. fed.secure or train.lr"
+        raise CompareError(f"variant {variant!r}: unknown override key {key!r}; {hint}")
+    *path, last = key.split(".")
+    node = tree
+    for part in path:
+        node = node[part]
+    if isinstance(value, dict) and any(k.startswith(key + ".") for k in valid):  # a whole section: merge its keys
+        for k, v in value.items():
+            _apply_override(tree, f"{key}.{k}", v, variant)
+    else:
+        node[last] = value
+
+
+_RUN_PARSER: ArgumentParser | None = None
+
+
+def _run_config_parser() -> ArgumentParser:
+    global _RUN_PARSER
+    if _RUN_PARSER is None:
+        _RUN_PARSER = ArgumentParser(exit_on_error=False)
+        _RUN_PARSER.add_class_arguments(RunConfig)
+    return _RUN_PARSER
+
+
+def variant_run_config(base: CompareConfig, variant: Variant) -> RunConfig:
+    """The base config with the variant's regime and overrides, type-checked like a run config file."""
+    shared = dataclasses.asdict(base)
+    tree = {f.name: shared[f.name] for f in dataclasses.fields(RunConfig) if f.name != "regime"}
+    tree["regime"] = variant.regime
+    for key, value in (variant.overrides or {}).items():
+        _apply_override(tree, str(key), value, variant.name)
+    parser = _run_config_parser()
+    try:
+        ns = parser.parse_object(tree)
+        ns = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
+    except (ArgumentError, TypeError, ValueError) as exc:  # a value of the wrong type or not among the choices
+        detail = " ".join(str(exc).split())
+        raise CompareError(f"variant {variant.name!r}: invalid overrides {dict(variant.overrides)}: {detail}") from None
+    return RunConfig(**{f.name: ns[f.name] for f in dataclasses.fields(RunConfig)})
+
+
+def check_names(variants: list[Variant]) -> None:
+    if not variants:
+        raise CompareError("the compare config lists no variants")
+    seen: dict[str, str] = {}
+    for v in variants:
+        if not _NAME.fullmatch(v.name) or v.name in OUTPUT_FILES:
+            raise CompareError(
+                f"variant name {v.name!r} cannot be a folder name: use up to 100 letters, digits and _ . + = - "
+                f"(starting with a letter or digit), other than {', '.join(OUTPUT_FILES)}"
+            )
+        if v.name.lower() in seen:
+            same = "is listed twice" if seen[v.name.lower()] == v.name else f"clashes with {seen[v.name.lower()]!r} (folder names ignore case on some systems)"
+            raise CompareError(f"variant name {v.name!r} {same}; variant names must be unique")
+        seen[v.name.lower()] = v.name
+
+
+def plan(cfg: CompareConfig, only: list[str] | None = None) -> list[tuple[Variant, RunConfig, bool]]:
+    """Every variant with its run config and whether to run it (``only``: names to run; None: all).
+
+    Checks everything before any training starts, so a typo in the last variant
+    does not surface hours into the first.
+    """
+    check_names(cfg.variants)
+    names = [v.name for v in cfg.variants]
+    if only is not None:
+        unknown = [n for n in only if n not in names]
+        if unknown or not only:
+            raise CompareError(f"--only: unknown variant {', '.join(map(repr, unknown)) or '(none given)'}; the variants are: {', '.join(names)}")
+    return [(v, variant_run_config(cfg, v), only is None or v.name in only) for v in cfg.variants]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _normalised(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    d = _normalised(cfg_dict)
+    for section, keys in _DISPLAY_ONLY.items():
+        for key in keys:
+            (d.get(section) or {}).pop(key, None)
+    return d
+
+
+def is_finished(run_dir: Path, cfg: RunConfig) -> bool:
+    """``run_dir`` holds a finished run (metrics.json) of exactly this config (config.yaml).
+
+    A run writes config.yaml when it starts and metrics.json when it ends; a
+    config.yaml newer than metrics.json belongs to a later start (perhaps one
+    refused for a changed config), so those metrics are not this config's.
+    """
+    import yaml
+
+    metrics, saved_cfg = run_dir / "metrics.json", run_dir / "config.yaml"
+    if not metrics.is_file() or not saved_cfg.is_file() or saved_cfg.stat().st_mtime_ns > metrics.stat().st_mtime_ns:
+        return False
+    try:
+        saved = yaml.safe_load(saved_cfg.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and _comparable(saved) == _comparable(dataclasses.asdict(cfg))
+
+
+def _history_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _seconds(rows: list[dict[str, str]]) -> float:
+    total = 0.0
+    for row in rows:
+        try:
+            total += float(row.get("seconds") or 0.0)
+        except ValueError:
+            pass
+    return total
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) or math.isinf(x) else x
+
+
+def read_result(variant: Variant, run_dir: Path) -> dict[str, Any]:
+    """One table row from a finished variant's metrics.json and history.csv."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    regime = metrics.get("regime", variant.regime)
+    if regime == "local":  # every site trains in turn: the time is the sum over sites
+        histories = [_history_rows(p) for p in sorted((run_dir / "sites").glob("site_*/history.csv"))]
+        rows = [r for h in histories for r in h]
+        rounds = max((len(h) for h in histories), default=0)
+    else:
+        rows = _history_rows(run_dir / "history.csv")
+        rounds = len(rows)
+    wire = metrics.get("wire")
+    if wire is None:
+        bytes_per_round = 0.0  # centralized / local: nothing crosses a network
+    elif wire.get("bytes_per_round") is not None:
+        bytes_per_round = float(wire["bytes_per_round"])
+    else:
+        sent = float(wire.get("train_bytes_up") or 0) + float(wire.get("train_bytes_down") or 0)
+        bytes_per_round = sent / max(rounds, 1)
+    privacy = metrics.get("privacy") or {}
+    test = metrics.get("test") or {}
+    return {
+        "variant": variant.name,
+        "regime": regime,
+        "overrides": dict(variant.overrides or {}),
+        "test_auroc_macro": _number(test.get("auroc_macro")),
+        "gap_to_centralized": None,
+        "test_accuracy": _number(test.get("accuracy")),
+        "train_seconds": _seconds(rows),
+        "wall_seconds": _number(metrics.get("wall_seconds")),
+        "bytes_per_round": bytes_per_round,
+        "rounds": rounds,
+        "epsilon": _number(privacy.get("epsilon")) if privacy else None,
+        "delta": _number(privacy.get("delta")) if privacy else None,
+        "task": (metrics.get("task") or {}).get("name"),
+        "dir": str(run_dir),
+    }
+
+
+def add_gaps(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Fill ``gap_to_centralized`` (test AUROC minus the centralized one); returns the reference row.
+
+    The reference is the variant named ``centralized``, else the first with that regime.
+    """
+    candidates = [r for r in rows if r["variant"] == "centralized"] or [r for r in rows if r["regime"] == "centralized"]
+    ref = candidates[0] if candidates else None
+    ref_auc = ref["test_auroc_macro"] if ref is not None else None
+    for row in rows:
+        auc = row["test_auroc_macro"]
+        row["gap_to_centralized"] = auc - ref_auc if auc is not None and ref_auc is not None else None
+    return ref
+
+
+# ----------------------------------------------------------------------------- table and figure
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    if n == 0:
+        return "0"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_epsilon(row: dict[str, Any]) -> str:
+    if row["epsilon"] is None:
+        return "—"
+    delta = f" (δ = {row['delta']:.0e})" if row["delta"] is not None else ""
+    return f"{row['epsilon']:.2f}{delta}"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]], reference: dict[str, Any] | None, title: str) -> str:
+    has_ref = reference is not None
+    head = ["variant", "regime", "test macro AUROC"]
+    head += ["gap to centralized"] if has_ref else []
+    head += ["training time (s)", "bytes / round (up + down)", "ε (δ)"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for r in rows:
+        cells = [r["variant"].replace("|", "\\|"), r["regime"], _fmt(r["test_auroc_macro"], ".4f")]
+        if has_ref:
+            cells.append("—" if r is reference else _fmt(r["gap_to_centralized"], "+.4f"))
+        cells += [_fmt(r["train_seconds"], ".1f"), format_bytes(r["bytes_per_round"]), format_epsilon(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        "Test macro AUROC of the model selected on validation. "
+        + ("Gap: AUROC minus the centralized variant's (negative: below pooling the data). " if has_ref else "")
+        + "Training time: sum of the per-epoch (round) seconds in history.csv, over all sites for local. "
+        "Bytes / round: training traffic per round (FedAvg) or per epoch over every hospital (split learning); "
+        "0 where nothing crosses a network. ε: the DP budget spent at the reported δ; — without DP.",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+CSV_COLUMNS = (
+    "variant", "regime", "test_auroc_macro", "gap_to_centralized", "train_seconds", "bytes_per_round", "epsilon", "delta",
+    "test_accuracy", "wall_seconds", "rounds", "overrides",
+)
+
+
+def write_comparison(rows: list[dict[str, Any]], out: Path, title: str, config_path: str | None = None) -> dict[str, Path]:
+    """comparison.md, .csv, .json and .png in ``out`` (atomic writes); returns their paths."""
+    from splitfl.artifacts import write_csv, write_json, write_text
+    from splitfl.plots import plot_comparison
+
+    reference = add_gaps(rows)
+    paths = {
+        "md": write_text(out / "comparison.md", markdown_table(rows, reference, title)),
+        "csv": write_csv(
+            out / "comparison.csv",
+            [{**{k: r[k] for k in CSV_COLUMNS if k != "overrides"},
+              "overrides": "; ".join(f"{k}={v}" for k, v in r["overrides"].items())} for r in rows],
+        ),
+        "json": write_json(
+            out / "comparison.json",
+            {
+                "title": title,
+                "config": config_path,
+                "reference": reference["variant"] if reference is not None else None,
+                "reference_test_auroc_macro": reference["test_auroc_macro"] if reference is not None else None,
+                "rows": rows,
+            },
+        ),
+    }
+    ref_auc = reference["test_auroc_macro"] if reference is not None else None
+    paths["png"] = plot_comparison(rows, out / "comparison.png", title, reference_auroc=ref_auc)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def compare(
+    cfg: CompareConfig,
+    out: str | Path,
+    only: list[str] | None = None,
+    config_path: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run (or reuse) the variants into ``out/<name>`` and write the comparison; returns its rows.
+
+    ``only`` restricts which variants are run; the table lists every variant of
+    the config that is finished in ``out`` with its current config.
+    """
+    out = Path(out)
+    todo = plan(cfg, only)
+    selected = [(v, rc) for v, rc, chosen in todo if chosen]
+    data = cfg.data
+    title = f"{data.flag if data.source == 'medmnist' else f'{data.source} {data.modality}'}: regimes compared"
+    trained = 0
+    for k, (variant, run_cfg) in enumerate(selected, 1):
+        run_dir = out / variant.name
+        head = f"[{k}/{len(selected)}] {variant.name} ({variant.regime})"
+        if is_finished(run_dir, run_cfg):
+            log(f"{head}: finished, reusing {run_dir / 'metrics.json'}")
+            continue
+        log(f"{head}: training into {run_dir}")
+        # torch and Lightning load only when something is trained
+        from splitfl.train import RunError, run
+
+        try:
+            run(run_cfg, run_dir)
+        except RunError as exc:
+            raise RunError(f"variant {variant.name!r}: {exc}") from exc
+        trained += 1
+        _write(todo, out, title, config_path)  # partial table after each run: long comparisons show progress
+    rows = _write(todo, out, title, config_path)
+    skipped = [v.name for v, rc, chosen in todo if not chosen and not is_finished(out / v.name, rc)]
+    if skipped:
+        log(f"not in the table (no finished run of their current config; not in --only): {', '.join(skipped)}")
+    log(f"{trained} trained, {len(selected) - trained} reused; table in {out / 'comparison.md'}")
+    return rows
+
+
+def _write(todo: list[tuple[Variant, RunConfig, bool]], out: Path, title: str, config_path: str | None) -> list[dict[str, Any]]:
+    rows = [read_result(v, out / v.name) for v, rc, _ in todo if is_finished(out / v.name, rc)]
+    if rows:
+        tasks = {r["task"] for r in rows if r["task"]}
+        if len(tasks) == 1:
+            title = f"{tasks.pop()}: regimes compared"
+        write_comparison(rows, out, title, config_path)
+    return rows
+
+
+def build_compare_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        description="Run several regimes (variants of one base run config) on the same data, sites and seed, each "
+        "into OUT/NAME (resumable; finished variants are reused), and tabulate them in OUT/comparison.{md,csv,json,png}.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML: run config keys (no regime) plus 'variants'")
+    parser.add_class_arguments(CompareConfig)
+    parser.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
+    parser.add_argument("--only", type=str | None, default=None, help="comma-separated variant names to run")
+    return parser
+
+
+def cmd_compare(ns: Any) -> None:
+    cfg = CompareConfig(**{f.name: ns[f.name] for f in dataclasses.fields(CompareConfig)})
+    only = None if ns.only is None else [n.strip() for n in ns.only.split(",") if n.strip()]
+    config_files = ns.get("config") or []
+    config_path = str(config_files[-1]) if config_files else None
+    compare(cfg, ns.out, only=only, config_path=config_path)

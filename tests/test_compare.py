@@ -1,0 +1,241 @@
+"""``splitfl compare``: real tiny runs of several regimes, the table and figure, reuse, and config errors."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitfl.cli import main
+from splitfl.compare import (
+    CompareConfig,
+    Variant,
+    plan,
+    read_result,
+    variant_run_config,
+)
+
+BASE = """\
+seed: 3
+data: {source: synthetic, modality: xray, n_train: 96, n_val: 64, n_test: 64, size: 28,
+       partition: {scheme: iid, num_sites: 2}}
+model: {name: test_resnet}
+train: {epochs: 1, batch_size: 32, progress: false, accelerator: cpu}
+"""
+VARIANTS = """\
+variants:
+  - {name: centralized, regime: centralized}
+  - {name: local, regime: local}
+  - {name: fedavg, regime: fedavg, overrides: {fed.local_epochs: 1, fed.aggregator: mean}}
+"""
+NAMES = ["centralized", "local", "fedavg"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _config(folder: Path, variants: str = VARIANTS, name: str = "compare.yaml") -> Path:
+    path = folder / name
+    path.write_text(BASE + variants)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One real comparison of three tiny variants: (config file, output folder, what was printed)."""
+    folder = tmp_path_factory.mktemp("compare")
+    cfg, out = _config(folder), folder / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["compare", "--config", str(cfg), "--out", str(out)])
+    return cfg, out, printed.getvalue()
+
+
+def _user_error(args: list[str], capsys) -> str:
+    """Run the CLI expecting a one-line user error (exit 2); returns stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_compare_tabulates_every_variant_from_its_run(compared):
+    _, out, printed = compared
+    for k, name in enumerate(NAMES, 1):
+        assert f"[{k}/3] {name}" in printed
+        assert (out / name / "metrics.json").is_file()
+    for suffix in ("md", "csv", "json", "png"):
+        assert (out / f"comparison.{suffix}").stat().st_size > 0, suffix
+
+    table = json.loads((out / "comparison.json").read_text())
+    rows = table["rows"]
+    assert [r["variant"] for r in rows] == NAMES  # config order
+    assert table["reference"] == "centralized"
+    metrics = {n: json.loads((out / n / "metrics.json").read_text()) for n in NAMES}
+    ref = metrics["centralized"]["test"]["auroc_macro"]
+    for row in rows:
+        m = metrics[row["variant"]]
+        assert row["test_auroc_macro"] == pytest.approx(m["test"]["auroc_macro"])
+        assert row["gap_to_centralized"] == pytest.approx(m["test"]["auroc_macro"] - ref)
+        assert row["wall_seconds"] == pytest.approx(m["wall_seconds"])
+    by_name = {r["variant"]: r for r in rows}
+
+    # training time: the history's per-epoch seconds (every site's for local)
+    def seconds(paths):
+        return sum(float(r["seconds"]) for p in paths for r in csv.DictReader(p.open()))
+
+    assert by_name["centralized"]["train_seconds"] == pytest.approx(seconds([out / "centralized" / "history.csv"]))
+    site_histories = sorted((out / "local" / "sites").glob("site_*/history.csv"))
+    assert len(site_histories) == 2
+    assert by_name["local"]["train_seconds"] == pytest.approx(seconds(site_histories))
+    assert by_name["local"]["train_seconds"] > 0
+
+    # the network: none for centralized / local; FedAvg's own count per round
+    assert by_name["centralized"]["bytes_per_round"] == 0 and by_name["local"]["bytes_per_round"] == 0
+    assert by_name["fedavg"]["bytes_per_round"] == pytest.approx(metrics["fedavg"]["wire"]["bytes_per_round"])
+    assert by_name["fedavg"]["bytes_per_round"] > 0
+    assert all(r["epsilon"] is None and r["delta"] is None for r in rows)  # no DP here (see the last test)
+
+    csv_rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["variant"] for r in csv_rows] == NAMES
+    assert float(csv_rows[2]["test_auroc_macro"]) == pytest.approx(metrics["fedavg"]["test"]["auroc_macro"])
+    assert csv_rows[2]["overrides"] == "fed.local_epochs=1; fed.aggregator=mean"
+
+    md = (out / "comparison.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| variant"))
+    for column in ("regime", "test macro AUROC", "gap to centralized", "training time", "bytes / round", "ε"):
+        assert column in header
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
+    assert list(lines) == ["variant", *NAMES]
+    assert f"{ref:.4f}" in lines["centralized"]
+    fed_auc = metrics["fedavg"]["test"]["auroc_macro"]
+    assert f"{fed_auc:.4f}" in lines["fedavg"] and f"{fed_auc - ref:+.4f}" in lines["fedavg"]
+    assert lines["fedavg"].rstrip(" |").endswith("—")  # no epsilon
+
+
+def test_second_run_reuses_finished_variants(compared, capsys):
+    cfg, out, _ = compared
+    stamps = {n: (out / n / "metrics.json").stat().st_mtime_ns for n in NAMES}
+    before = json.loads((out / "comparison.json").read_text())["rows"]
+    main(["compare", "--config", str(cfg), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.count("finished, reusing") == 3 and "training into" not in printed
+    assert {n: (out / n / "metrics.json").stat().st_mtime_ns for n in NAMES} == stamps
+    assert json.loads((out / "comparison.json").read_text())["rows"] == before
+
+    # --only runs (here: reuses) the named variants; the table still lists every finished one
+    main(["compare", "--config", str(cfg), "--out", str(out), "--only", "fedavg"])
+    printed = capsys.readouterr().out
+    assert "[1/1] fedavg (fedavg): finished, reusing" in printed
+    assert [r["variant"] for r in json.loads((out / "comparison.json").read_text())["rows"]] == NAMES
+
+
+def test_a_changed_config_is_never_mistaken_for_the_finished_run(compared, tmp_path, capsys):
+    cfg, out, _ = compared
+    shutil.copytree(out / "centralized", tmp_path / "centralized")
+    args = ["compare", "--config", str(cfg), "--out", str(tmp_path), "--only", "centralized", "--train.lr", "0.01"]
+    for _ in range(2):  # train.run refuses to resume another config; the refused attempt must not look finished
+        err = _user_error(args, capsys)
+        assert "variant 'centralized'" in err and "train.lr: 0.001 -> 0.01" in err
+
+
+# ----------------------------------------------------------------------------- config errors (no training)
+
+
+def test_bad_override_key_names_the_variant_and_suggests(tmp_path, capsys):
+    cfg = _config(tmp_path, "variants:\n  - {name: dp, regime: fedavg, overrides: {fed.dp_epsilon: 8.0}}\n")
+    err = _user_error(["compare", "--config", str(cfg), "--out", str(tmp_path / "o")], capsys)
+    assert "variant 'dp'" in err and "'fed.dp_epsilon'" in err and "fed.dp_target_epsilon" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # checked before anything runs
+
+
+def test_override_in_the_wrong_section_suggests_the_right_one(tmp_path, capsys):
+    cfg = _config(tmp_path, "variants:\n  - {name: ok, regime: local}\n  - {name: f, regime: fedavg, overrides: {train.local_epochs: 3}}\n")
+    err = _user_error(["compare", "--config", str(cfg), "--out", str(tmp_path / "o")], capsys)
+    assert "variant 'f'" in err and "fed.local_epochs" in err
+
+
+def test_bad_override_value_is_rejected_by_the_run_config_types(tmp_path, capsys):
+    cfg = _config(tmp_path, "variants:\n  - {name: he, regime: fedavg, overrides: {fed.secure: encrypted}}\n")
+    err = _user_error(["compare", "--config", str(cfg), "--out", str(tmp_path / "o")], capsys)
+    assert "variant 'he'" in err and "fed.secure" in err and "encrypted" in err
+
+
+def test_duplicate_and_unusable_names_are_errors(tmp_path, capsys):
+    dup = _config(tmp_path, "variants:\n  - {name: a, regime: fedavg}\n  - {name: a, regime: local}\n", "dup.yaml")
+    err = _user_error(["compare", "--config", str(dup), "--out", str(tmp_path / "o")], capsys)
+    assert "'a' is listed twice" in err
+    slash = _config(tmp_path, "variants:\n  - {name: ../up, regime: fedavg}\n", "slash.yaml")
+    err = _user_error(["compare", "--config", str(slash), "--out", str(tmp_path / "o")], capsys)
+    assert "'../up'" in err and "folder name" in err
+
+
+def test_only_with_an_unknown_name_lists_the_valid_ones(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    err = _user_error(["compare", "--config", str(cfg), "--out", str(tmp_path / "o"), "--only", "fedavg,fedprox"], capsys)
+    assert "'fedprox'" in err and "centralized, local, fedavg" in err
+
+
+def test_unknown_config_key_and_regime_are_rejected(tmp_path):
+    bad = _config(tmp_path, "variants:\n  - {name: a, regime: fedavgg}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--config", str(bad), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    (tmp_path / "typo.yaml").write_text(BASE + "fed: {local_epoch: 2}\n")
+    with pytest.raises(SystemExit):
+        main(["compare", "--config", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "o")])
+
+
+def test_default_variants_and_shipped_configs():
+    seven = ["centralized", "local", "fedavg", "fedavg+dp", "fedavg+he", "split-plain", "split-he"]
+    steps = plan(CompareConfig())
+    assert [v.name for v, _, _ in steps] == seven
+    configs = {v.name: rc for v, rc, _ in steps}
+    assert configs["fedavg+dp"].fed.dp_target_epsilon == 8.0 and configs["fedavg+he"].fed.secure == "he"
+    assert configs["split-he"].regime == "split-he" and configs["fedavg"].fed.secure == "none"
+
+    from splitfl.compare import build_compare_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    parser = build_compare_parser()
+    for task, flag in (("xray", "pneumoniamnist"), ("retina", "retinamnist"), ("pathology", "pathmnist")):
+        ns = parser.instantiate(parser.parse_args(["--config", str(repo / "configs" / task / "compare.yaml"), "--out", "o"]))
+        cfg = CompareConfig(**{k: ns[k] for k in CompareConfig.__dataclass_fields__})
+        assert [v.name for v in cfg.variants] == seven
+        rc = variant_run_config(cfg, cfg.variants[0])
+        assert (rc.data.flag, rc.data.partition.scheme, rc.data.partition.num_sites, rc.model.name) == (flag, "dirichlet", 4, "resnet18")
+        assert (rc.train.epochs, rc.train.batch_size, rc.train.scheduler, rc.fed.local_epochs) == (10, 128, "cosine", 2)
+
+
+def test_section_override_merges_and_results_fall_back_to_total_bytes(tmp_path):
+    """Reading a metrics.json with DP and without ``wire.bytes_per_round`` (older split runs); no training."""
+    rc = variant_run_config(CompareConfig(), Variant("x", "fedavg", {"data.partition": {"scheme": "quantity"}, "train.lr": 0.01}))
+    assert rc.data.partition.scheme == "quantity" and rc.data.partition.num_sites == 4 and rc.train.lr == 0.01
+    # a metrics.json whose wire section predates bytes_per_round: total traffic over the history's rounds
+    run_dir = tmp_path / "split-he"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({
+        "regime": "split-he", "test": {"auroc_macro": 0.8}, "wall_seconds": 9.0,
+        "wire": {"train_bytes_up": 600, "train_bytes_down": 300},
+        "privacy": {"epsilon": 2.5, "delta": 1e-5},
+    }))
+    (run_dir / "history.csv").write_text("epoch,seconds\n1,1.5\n2,2.5\n3,1.0\n")
+    row = read_result(Variant("split-he", "split-he"), run_dir)
+    assert row["bytes_per_round"] == pytest.approx(300.0) and row["train_seconds"] == pytest.approx(5.0)
+    assert (row["epsilon"], row["delta"]) == (2.5, 1e-5)
