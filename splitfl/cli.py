@@ -41,11 +41,11 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="splitfl",
         description="Split and federated medical imaging training over CKKS.",
-        epilog="Benchmarks: splitfl bench {he-head,split-epoch} [--help] (see bench/README.md).",
+        epilog=f"Benchmarks: splitfl bench {{{','.join(BENCHMARKS)}}} [--help] (see bench/README.md).",
     )
     sub = parser.add_subcommands(dest="command")
 
-    train = _run_parser("Train a model (regimes: centralized, local) and write metrics.json, history.csv, checkpoints, plots.")
+    train = _run_parser("Train a model (regimes: centralized, local, split-plain, split-he, fedavg, fedprox) and write metrics.json, history.csv, checkpoints, plots.")
     train.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
     sub.add_subcommand("train", train, help="train a model")
     sub.add_subcommand("compare", build_compare_parser(), help="run several regimes on one task and tabulate them")

@@ -121,6 +121,9 @@ class FedConfig:
     """
 
     local_epochs: int = 1
+    # Normalisation layers of the federated model. BatchNorm's running statistics break under label skew
+    # (Hsieh et al. 2020, "The Non-IID Data Quagmire"); GroupNorm has none, and DP-SGD requires it anyway.
+    norm: Literal["batchnorm", "groupnorm"] = "groupnorm"
     client_fraction: float = 1.0  # share of sites sampled per round (at least one)
     min_sites: int = 1  # a round with fewer accepted updates leaves the global model unchanged
     mu: float = 0.01  # FedProx proximal strength (regime fedprox only)

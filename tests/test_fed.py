@@ -252,7 +252,7 @@ def test_fedavg_dp_reports_epsilon_per_site_and_round(tmp_path):
     assert all(0 < e <= 8.0 * 1.02 for e in privacy["epsilon_per_site"])
     assert privacy["epsilon_per_round"][0][0] < privacy["epsilon_per_round"][1][0]
     assert all(s > 0 for s in privacy["noise_multiplier_per_site"])
-    assert "GroupNorm" in metrics["protocol"]["dp_model_fix"]
+    assert "GroupNorm" in metrics["protocol"]["norm"]
     state = torch.load(tmp_path / "best_model.pt", weights_only=False)["model"]
     assert not any("running_mean" in k for k in state)  # no BatchNorm left
 

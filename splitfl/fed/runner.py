@@ -63,11 +63,11 @@ class FedRunner:
         if report is not None:
             fabric.print(str(report))
         self.dp = fed.dp_noise_multiplier > 0 or fed.dp_target_epsilon is not None
-        if self.dp:  # Opacus needs per-sample gradients: BatchNorm mixes samples, so it becomes GroupNorm
+        if self.dp and fed.norm == "batchnorm":
+            raise RunError("fed.norm=batchnorm cannot be trained with DP-SGD (BatchNorm mixes samples); use fed.norm: groupnorm")
+        if fed.norm == "groupnorm":  # no running statistics to average; Opacus' per-sample gradients need it too
             model = ModuleValidator.fix(model)
-            for module in model.modules():  # Opacus' backward hooks cannot see through in-place activations
-                if getattr(module, "inplace", False) is True:
-                    module.inplace = False
+        if self.dp:
             errors = ModuleValidator.validate(model, strict=False)
             if errors:
                 raise RunError(f"model {cfg.model.name} cannot be trained with Opacus DP-SGD: {errors[0]}")
@@ -396,7 +396,7 @@ class FedRunner:
                 "he_encrypted_fraction": float(self.he_mask.mean()) if self.he_mask is not None else None,
                 "topk_fraction": fed.topk_fraction,
                 "server_has_secret_key": bool(self.public_ctx.is_private()) if self.public_ctx is not None else None,
-                "dp_model_fix": "BatchNorm replaced by GroupNorm (opacus ModuleValidator.fix)" if self.dp else None,
+                "norm": "GroupNorm in place of BatchNorm (opacus ModuleValidator.fix)" if fed.norm == "groupnorm" else "BatchNorm",
             },
             "wire": {
                 "train_bytes_up": self.bytes_up,
