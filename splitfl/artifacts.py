@@ -90,3 +90,33 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
 def save_figure(path: str | os.PathLike, fig: Any, dpi: int = 120) -> Path:
     suffix = Path(path).suffix.lstrip(".") or "png"
     return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=suffix))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
+    """Atomic, durable write (temp file + fsync + rename + directory fsync) with ``mode`` from the start.
+
+    Used for keys and certificates: the file never exists with looser permissions or half written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path

@@ -22,7 +22,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from splitfl.models import ModelError
     from splitfl.train import RunError
 
-    return (DataError, ModelError, RunError, CompareError, FileNotFoundError)
+    from splitfl.net.certs import PkiError
+
+    return (DataError, ModelError, RunError, CompareError, PkiError, FileNotFoundError)
 
 
 def _run_parser(description: str) -> ArgumentParser:
@@ -50,6 +52,13 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("train", train, help="train a model")
     sub.add_subcommand("compare", build_compare_parser(), help="run several regimes on one task and tabulate them")
 
+    certs = ArgumentParser(description="Make a development CA, a server certificate, one client certificate and token per site.")
+    certs.add_argument("--out", type=str, required=True, help="folder for the PKI (ca/, server/, sites/<name>/)")
+    certs.add_argument("--sites", type=Optional[int], default=None, help="number of sites (named site-0, site-1, ...)")
+    certs.add_argument("--names", type=Optional[list[str]], default=None, help="explicit site names instead of --sites")
+    certs.add_argument("--overwrite", type=bool, default=False, help="replace an existing PKI in --out")
+    sub.add_subcommand("certs", certs, help="make development certificates and site tokens for mutual TLS")
+
     data = ArgumentParser(description="Inspect datasets and site partitions.")
     sub.add_subcommand("data", data, help="inspect data and partitions")
     data_sub = data.add_subcommands(dest="action")
@@ -62,6 +71,12 @@ def cmd_train(ns: Namespace) -> None:
     from splitfl.train import run
 
     run(to_run_config(ns), ns.out)
+
+
+def cmd_certs(ns: Namespace) -> None:
+    from splitfl.net.certs import cmd_certs as make_certs
+
+    make_certs(ns.out, ns.sites, ns.names, ns.overwrite)
 
 
 def cmd_data_summary(ns: Namespace) -> None:
@@ -85,6 +100,7 @@ def cmd_data_summary(ns: Namespace) -> None:
 COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
     ("train",): cmd_train,
     ("compare",): cmd_compare,
+    ("certs",): cmd_certs,
     ("data", "summary"): cmd_data_summary,
 }
 

@@ -32,6 +32,8 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sa
 
+from splitfl.artifacts import write_bytes
+
 from .params import PRESETS, CKKSParams, HEError, check_key_switching, check_security
 
 __all__ = [
@@ -82,7 +84,7 @@ def save_secret_context(ctx: ts.Context, path: PathLike) -> Path:
     data = _SECRET_MAGIC + ctx.serialize(
         save_public_key=True, save_secret_key=True, save_galois_keys=True, save_relin_keys=True
     )
-    return _write_private(Path(path), data)
+    return write_bytes(Path(path), data, mode=0o600)
 
 
 def load_secret_context(path: PathLike, n_threads: Optional[int] = None) -> ts.Context:
@@ -166,32 +168,6 @@ def _context_from(data: bytes, what: str, n_threads: Optional[int]) -> ts.Contex
         return ts.context_from(bytes(data), n_threads=n_threads)
     except Exception as e:  # TenSEAL raises bare ValueError/RuntimeError on malformed protobufs
         raise HEError(f"{what} are not a valid TenSEAL context ({e}).") from e
-
-
-def _write_private(path: Path, data: bytes) -> Path:
-    """Atomic write (temp file + fsync + rename) of a file only its owner can read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 # ---------------------------------------------------------------------------
