@@ -24,6 +24,9 @@ SPLIT_RPCS = [
     ("Predict", True, True),
     ("ApplyUpdate", True, False),
     ("EndEpoch", False, False),
+    ("UploadRelay", True, False),
+    ("DownloadRelay", False, True),
+    ("ReportEval", False, False),
 ]
 FED_RPCS = [
     ("Status", False, False),

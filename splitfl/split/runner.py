@@ -36,7 +36,11 @@ SECRET_CONTEXT = "keys/consortium.secret"
 class SplitRunner:
     """Hospitals (encoder, data, labels, loss, secret key) and the server (head), wired by a transport."""
 
-    def __init__(self, fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> None:
+    def __init__(self, fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path,
+                 server_factory: Optional[Any] = None) -> None:
+        """``server_factory`` (default :class:`SplitServer`) is called with SplitServer's arguments and returns
+        the object the transports talk to: a remote stub (``splitfl.net.split_remote``) makes this runner a
+        hospital of a run whose head lives in another process."""
         from splitfl.train import RunError, make_optimizer, make_scheduler
 
         self.fabric, self.cfg, self.task = fabric, cfg, splits.task
@@ -65,6 +69,7 @@ class SplitRunner:
 
         scfg = cfg.split
         self.he = cfg.regime == "split-he"
+        make_server = SplitServer if server_factory is None else server_factory
         recorder = None
         if scfg.transcript:
             recorder = TranscriptRecorder(
@@ -83,10 +88,10 @@ class SplitRunner:
             self.noninteractive = cfg.model.cut == "mlp" and scfg.mlp_inference == "noninteractive"
             if self.noninteractive:
                 public = self._noninteractive_public_context(secret, head)
-            self.server = SplitServer(head, head_opt, head_sched, "he", public, cfg.train.batch_size, recorder)
+            self.server = make_server(head, head_opt, head_sched, "he", public, cfg.train.batch_size, recorder)
             self.transport: PlainTransport | HETransport = HETransport(self.server, secret, cfg.train.batch_size)
         else:
-            self.server = SplitServer(head, head_opt, head_sched, "plain", recorder=recorder)
+            self.server = make_server(head, head_opt, head_sched, "plain", recorder=recorder)
             self.transport = PlainTransport(self.server)
 
         self.noninteractive = getattr(self, "noninteractive", False)

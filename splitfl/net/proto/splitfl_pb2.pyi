@@ -56,6 +56,7 @@ class TurnState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TURN_STATE_WAIT: _ClassVar[TurnState]
     TURN_STATE_EPOCH_DONE: _ClassVar[TurnState]
     TURN_STATE_RUN_DONE: _ClassVar[TurnState]
+    TURN_STATE_EVALUATE: _ClassVar[TurnState]
 
 class SecureMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -85,6 +86,7 @@ class UpdateEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_ENCODING_FLOAT32: _ClassVar[UpdateEncoding]
     UPDATE_ENCODING_TOPK: _ClassVar[UpdateEncoding]
     UPDATE_ENCODING_CKKS: _ClassVar[UpdateEncoding]
+    UPDATE_ENCODING_DECRYPTED_MEAN: _ClassVar[UpdateEncoding]
 
 class SecAggMessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -128,6 +130,7 @@ TURN_STATE_YOURS: TurnState
 TURN_STATE_WAIT: TurnState
 TURN_STATE_EPOCH_DONE: TurnState
 TURN_STATE_RUN_DONE: TurnState
+TURN_STATE_EVALUATE: TurnState
 SECURE_MODE_UNSPECIFIED: SecureMode
 SECURE_MODE_NONE: SecureMode
 SECURE_MODE_HE: SecureMode
@@ -145,6 +148,7 @@ UPDATE_ENCODING_UNSPECIFIED: UpdateEncoding
 UPDATE_ENCODING_FLOAT32: UpdateEncoding
 UPDATE_ENCODING_TOPK: UpdateEncoding
 UPDATE_ENCODING_CKKS: UpdateEncoding
+UPDATE_ENCODING_DECRYPTED_MEAN: UpdateEncoding
 SECAGG_MESSAGE_TYPE_UNSPECIFIED: SecAggMessageType
 SECAGG_MESSAGE_TYPE_ADVERTISE_KEYS: SecAggMessageType
 SECAGG_MESSAGE_TYPE_KEY_BROADCAST: SecAggMessageType
@@ -341,18 +345,24 @@ class GetTurnRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., epoch: _Optional[int] = ..., batches_left: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class GetTurnResponse(_message.Message):
-    __slots__ = ("header", "state", "step", "epoch", "retry_after_ms")
+    __slots__ = ("header", "state", "step", "epoch", "retry_after_ms", "relay_version", "eval_split", "eval_id")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ID_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     state: TurnState
     step: int
     epoch: int
     retry_after_ms: int
-    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., state: _Optional[_Union[TurnState, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+    relay_version: int
+    eval_split: str
+    eval_id: int
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., state: _Optional[_Union[TurnState, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., relay_version: _Optional[int] = ..., eval_split: _Optional[str] = ..., eval_id: _Optional[int] = ...) -> None: ...
 
 class ForwardCall(_message.Message):
     __slots__ = ("step", "part", "layer", "train", "encoding")
@@ -469,12 +479,16 @@ class ApplyUpdateResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class EndEpochRequest(_message.Message):
-    __slots__ = ("header", "epoch")
+    __slots__ = ("header", "epoch", "loss_sum", "samples")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
     header: RequestHeader
     epoch: int
-    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    loss_sum: float
+    samples: int
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., epoch: _Optional[int] = ..., loss_sum: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class EndEpochResponse(_message.Message):
     __slots__ = ("header", "epoch", "epoch_closed", "sites_pending")
@@ -487,6 +501,66 @@ class EndEpochResponse(_message.Message):
     epoch_closed: bool
     sites_pending: int
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., epoch: _Optional[int] = ..., epoch_closed: _Optional[bool] = ..., sites_pending: _Optional[int] = ...) -> None: ...
+
+class RelayMeta(_message.Message):
+    __slots__ = ("step", "version")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    version: int
+    def __init__(self, step: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class UploadRelayRequest(_message.Message):
+    __slots__ = ("header", "meta", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    meta: RelayMeta
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., meta: _Optional[_Union[RelayMeta, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UploadRelayResponse(_message.Message):
+    __slots__ = ("header", "version")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    version: int
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DownloadRelayRequest(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ...) -> None: ...
+
+class DownloadRelayResponse(_message.Message):
+    __slots__ = ("header", "version", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    version: int
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., version: _Optional[int] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class ReportEvalRequest(_message.Message):
+    __slots__ = ("header", "eval_id", "metrics_json")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    eval_id: int
+    metrics_json: str
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., eval_id: _Optional[int] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+
+class ReportEvalResponse(_message.Message):
+    __slots__ = ("header", "accepted")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    accepted: bool
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., accepted: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("header", "client_nonce", "sample_count", "context_fingerprint", "want_public_context", "client_version")
@@ -571,7 +645,7 @@ class UpdateOutcome(_message.Message):
     def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("header", "round", "state", "sampled", "lr", "local_epochs", "mu", "deadline_unix_ms", "downloads", "secagg_next", "retry_after_ms", "last_outcome")
+    __slots__ = ("header", "round", "state", "sampled", "lr", "local_epochs", "mu", "deadline_unix_ms", "downloads", "secagg_next", "retry_after_ms", "last_outcome", "decrypt_aggregate", "he_value_bound")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -584,6 +658,8 @@ class RoundInfo(_message.Message):
     SECAGG_NEXT_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DECRYPT_AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    HE_VALUE_BOUND_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     round: int
     state: RoundState
@@ -596,7 +672,9 @@ class RoundInfo(_message.Message):
     secagg_next: SecAggMessageType
     retry_after_ms: int
     last_outcome: UpdateOutcome
-    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., sampled: _Optional[bool] = ..., lr: _Optional[float] = ..., local_epochs: _Optional[int] = ..., mu: _Optional[float] = ..., deadline_unix_ms: _Optional[int] = ..., downloads: _Optional[_Iterable[_Union[PayloadDescriptor, _Mapping]]] = ..., secagg_next: _Optional[_Union[SecAggMessageType, str]] = ..., retry_after_ms: _Optional[int] = ..., last_outcome: _Optional[_Union[UpdateOutcome, _Mapping]] = ...) -> None: ...
+    decrypt_aggregate: bool
+    he_value_bound: float
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., sampled: _Optional[bool] = ..., lr: _Optional[float] = ..., local_epochs: _Optional[int] = ..., mu: _Optional[float] = ..., deadline_unix_ms: _Optional[int] = ..., downloads: _Optional[_Iterable[_Union[PayloadDescriptor, _Mapping]]] = ..., secagg_next: _Optional[_Union[SecAggMessageType, str]] = ..., retry_after_ms: _Optional[int] = ..., last_outcome: _Optional[_Union[UpdateOutcome, _Mapping]] = ..., decrypt_aggregate: _Optional[bool] = ..., he_value_bound: _Optional[float] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
     __slots__ = ("header", "round", "part")

@@ -85,6 +85,21 @@ class SplitServiceStub:
                 request_serializer=splitfl__pb2.EndEpochRequest.SerializeToString,
                 response_deserializer=splitfl__pb2.EndEpochResponse.FromString,
                 _registered_method=True)
+        self.UploadRelay = channel.stream_unary(
+                '/splitfl.v1.SplitService/UploadRelay',
+                request_serializer=splitfl__pb2.UploadRelayRequest.SerializeToString,
+                response_deserializer=splitfl__pb2.UploadRelayResponse.FromString,
+                _registered_method=True)
+        self.DownloadRelay = channel.unary_stream(
+                '/splitfl.v1.SplitService/DownloadRelay',
+                request_serializer=splitfl__pb2.DownloadRelayRequest.SerializeToString,
+                response_deserializer=splitfl__pb2.DownloadRelayResponse.FromString,
+                _registered_method=True)
+        self.ReportEval = channel.unary_unary(
+                '/splitfl.v1.SplitService/ReportEval',
+                request_serializer=splitfl__pb2.ReportEvalRequest.SerializeToString,
+                response_deserializer=splitfl__pb2.ReportEvalResponse.FromString,
+                _registered_method=True)
 
 
 class SplitServiceServicer:
@@ -167,6 +182,34 @@ class SplitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadRelay(self, request_iterator, context):
+        """Sequential split learning relays ONE shared encoder from hospital to
+        hospital. The hospital that ends a training step uploads the hospitals'
+        shared state (encoder weights, its optimizer and scheduler, DP noise
+        state) SEALED with AES-256-GCM under a key derived (HKDF-SHA256) from the
+        consortium secret that only the hospitals hold; the server stores the
+        opaque blob and hands it to the next hospital. The upload closes the step
+        when the run relays (GetTurnResponse.relay_version says the latest one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadRelay(self, request, context):
+        """The latest sealed relay blob (a hospital whose own state is older).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportEval(self, request, context):
+        """A hospital asked to evaluate (TURN_STATE_EVALUATE) reports the metrics
+        of the validation or test split, computed through this head.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +257,21 @@ def add_SplitServiceServicer_to_server(servicer, server):
                     servicer.EndEpoch,
                     request_deserializer=splitfl__pb2.EndEpochRequest.FromString,
                     response_serializer=splitfl__pb2.EndEpochResponse.SerializeToString,
+            ),
+            'UploadRelay': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadRelay,
+                    request_deserializer=splitfl__pb2.UploadRelayRequest.FromString,
+                    response_serializer=splitfl__pb2.UploadRelayResponse.SerializeToString,
+            ),
+            'DownloadRelay': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadRelay,
+                    request_deserializer=splitfl__pb2.DownloadRelayRequest.FromString,
+                    response_serializer=splitfl__pb2.DownloadRelayResponse.SerializeToString,
+            ),
+            'ReportEval': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEval,
+                    request_deserializer=splitfl__pb2.ReportEvalRequest.FromString,
+                    response_serializer=splitfl__pb2.ReportEvalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -465,6 +523,87 @@ class SplitService:
             '/splitfl.v1.SplitService/EndEpoch',
             splitfl__pb2.EndEpochRequest.SerializeToString,
             splitfl__pb2.EndEpochResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadRelay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/splitfl.v1.SplitService/UploadRelay',
+            splitfl__pb2.UploadRelayRequest.SerializeToString,
+            splitfl__pb2.UploadRelayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadRelay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitfl.v1.SplitService/DownloadRelay',
+            splitfl__pb2.DownloadRelayRequest.SerializeToString,
+            splitfl__pb2.DownloadRelayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitfl.v1.SplitService/ReportEval',
+            splitfl__pb2.ReportEvalRequest.SerializeToString,
+            splitfl__pb2.ReportEvalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,1366 @@
+"""split-plain / split-he with the server (head) and the hospitals (encoders, data, labels, keys) in separate processes.
+
+Architecture
+------------
+* :class:`SplitServicer` serves ``splitfl.v1.SplitService`` around a real
+  :class:`~splitfl.split.server.SplitServer` (head, optimizer, scheduler, and in
+  split-he only the consortium's PUBLIC context, uploaded by a hospital). Every
+  call is checked in the protocol's order (token + client certificate by
+  :class:`~splitfl.net.tls.SiteAuthInterceptor`, then version, run id + config
+  fingerprint, site, session, sequence) before any payload is read; payloads
+  are chunk streams (:mod:`splitfl.net.chunks`).
+* :class:`Coordinator` hands out training steps in exactly the in-process
+  order (:meth:`SplitRunner.train_epoch`: round-robin over hospitals, skipping
+  those without batches left) through ``GetTurn``. A hospital silent past
+  ``turn_timeout_s`` is skipped for the rest of the epoch; training goes on.
+* Shared-encoder relay (sequential split learning): after its step the
+  hospital uploads the hospitals' shared state (encoder, its optimizer and
+  scheduler, DP accountants and noise generator) sealed with AES-256-GCM under
+  a key derived with HKDF-SHA256 from the consortium secret (split-he:
+  ``keys/consortium.secret``; split-plain: ``keys/relay.secret``), which the
+  server never holds. The server stores the opaque blob and hands it to the
+  next hospital (``UploadRelay`` / ``DownloadRelay``); the relay version is in
+  the blob's associated data. With a frozen encoder and no DP noise nothing is
+  relayed (the hospitals' shared state never changes).
+* :class:`RemoteSplitServer` is the hospital's stub with the methods the
+  transports call (``forward``, ``backward``, ``predict``, ``apply_update``,
+  ``end_epoch``, ``layers``, ``he``, ``he_mlp``): a :class:`SplitRunner` built
+  with ``server_factory=client.bind`` runs the very same hospital code as in
+  process.
+* The server runs :func:`splitfl.train.fit` with :class:`RemoteServerRunner`:
+  ``train_epoch`` coordinates one remote epoch, ``evaluate`` asks one live
+  hospital (``TURN_STATE_EVALUATE``) to evaluate the split through the head
+  and report the metrics (``ReportEval``), checkpoints hold the head, its
+  optimizer and the sealed relay blob, so the usual atomic checkpoints and
+  resume work (hospitals are stateless between steps). ``best_model.pt``
+  holds the head (``head.*``) and the sealed hospital state (``_relay.*``).
+
+Entry points: :func:`run_split_server` and :func:`run_split_site`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import threading
+import time
+import warnings
+from concurrent import futures
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, Optional
+
+import grpc
+import torch
+
+from splitfl.net import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_REPLAY_WINDOW,
+    ERROR_METADATA_KEY,
+    PROTOCOL_VERSION,
+    STATUS_METHODS,
+    SUPPORTED_VERSIONS,
+    ChunkError,
+    assemble,
+    open_stream,
+    split_payload,
+)
+from splitfl.net.proto import splitfl_pb2 as pb
+from splitfl.net.proto import splitfl_pb2_grpc as pbg
+from splitfl.split.tensors import ProtocolError
+
+__all__ = [
+    "Coordinator",
+    "RelaySealer",
+    "RemoteError",
+    "RemoteServerRunner",
+    "RemoteSplitServer",
+    "SplitServicer",
+    "config_fingerprint",
+    "ensure_consortium_keys",
+    "run_split_server",
+    "run_split_site",
+    "site_name",
+]
+
+SERVER_VERSION = "splitfl-split/1"
+MAX_PAYLOAD_BYTES = 256 << 20  # activations, ciphertexts, relay blobs
+MAX_CONTEXT_BYTES = 1 << 30  # public contexts with Galois keys
+RELAY_KEY_FILE = "relay.secret"
+_BUILD_LOCK = threading.Lock()  # seeding + model construction use torch's global RNG: one party at a time per process
+
+
+def site_name(index: int) -> str:
+    return f"site-{index}"
+
+
+def config_fingerprint(cfg: Any) -> bytes:
+    """SHA-256 of the protocol-relevant configuration, the same on the server and every hospital."""
+    d = dataclasses.asdict(cfg)
+    d.pop("fed", None)
+    d["data"].pop("root", None)
+    d["data"].pop("manifest", None)
+    for k in ("progress", "eval_batch_size", "accelerator", "devices", "precision"):
+        d["train"].pop(k, None)
+    for k in ("transcript", "transcript_max_steps", "cache_embeddings"):
+        d["split"].pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
+
+
+def _fp_bytes(fingerprint: str) -> bytes:
+    """splitfl.he.context_fingerprint ("sha256:<hex>") as the 32 bytes the protocol carries."""
+    text = fingerprint.split(":", 1)[-1]
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    return raw if len(raw) == 32 else hashlib.sha256(fingerprint.encode()).digest()
+
+
+def relay_needed(cfg: Any) -> bool:
+    """The hospitals' shared state changes during training: a trainable encoder, or DP noise drawn in turn."""
+    return (not cfg.model.freeze_encoder) or (cfg.regime == "split-he" and cfg.split.dp_noise_multiplier > 0)
+
+
+# ============================================================================ errors
+
+
+class RemoteError(ProtocolError):
+    """A call the server refused: ``code`` (grpc.StatusCode), ``error_code`` (splitfl.v1.ErrorCode), ``detail``."""
+
+    def __init__(self, code: Any, error_code: int, message: str, detail: Optional[Any] = None) -> None:
+        super().__init__(message)
+        self.code, self.error_code, self.detail = code, error_code, detail
+
+
+def _remote_error(e: grpc.RpcError) -> RemoteError:
+    detail = None
+    for k, v in (e.trailing_metadata() or ()):
+        if k == ERROR_METADATA_KEY:
+            detail = pb.ErrorDetail.FromString(v)
+    code = e.code()
+    ecode = detail.code if detail is not None else pb.ERROR_CODE_UNSPECIFIED
+    name = pb.ErrorCode.Name(ecode) if ecode else "no detail"
+    return RemoteError(code, ecode, f"server refused the call: {code.name} ({name}): {e.details()}", detail)
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, ecode: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code, self.ecode, self.extra = code, ecode, extra
+
+
+def _abort(context: grpc.ServicerContext, a: _Abort) -> None:
+    detail = pb.ErrorDetail(code=a.ecode, message=str(a), **a.extra)
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, detail.SerializeToString()),))
+    context.abort(a.code, f"splitfl: {a}")
+
+
+def _resp_header(seq: int) -> Any:
+    return pb.ResponseHeader(protocol_version=PROTOCOL_VERSION, sequence=seq, server_time_unix_ms=int(time.time() * 1000))
+
+
+# ============================================================================ relay sealing
+
+
+class RelaySealer:
+    """AES-256-GCM under HKDF-SHA256(consortium secret); associated data binds run, config and relay version."""
+
+    def __init__(self, secret: bytes, run_id: str, fingerprint: bytes) -> None:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        if len(secret) < 32:
+            raise ValueError("the relay key material must hold at least 32 bytes")
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"splitfl-relay-v1",
+                   info=b"splitfl shared-encoder relay|" + run_id.encode() + b"|" + fingerprint).derive(secret)
+        self._aead = AESGCM(key)
+        self._prefix = run_id.encode() + b"|" + fingerprint
+
+    def _aad(self, version: int) -> bytes:
+        return self._prefix + b"|" + str(int(version)).encode()
+
+    def seal(self, data: bytes, version: int) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, data, self._aad(version))
+
+    def open(self, blob: bytes, version: int) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        if len(blob) < 28:
+            raise ProtocolError("relay blob too short")
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], self._aad(version))
+        except InvalidTag:
+            raise ProtocolError(f"relay blob of version {version} does not open under the consortium key "
+                                "(tampered, replayed, or another consortium's)") from None
+
+
+def relay_key_material(keys_dir: Path, he: bool) -> bytes:
+    """split-he: the consortium secret file; split-plain: ``keys/relay.secret`` (made once, shared by the hospitals)."""
+    from splitfl.artifacts import write_bytes
+
+    if he:
+        return (keys_dir / "consortium.secret").read_bytes()
+    path = keys_dir / RELAY_KEY_FILE
+    if not path.exists():
+        write_bytes(path, os.urandom(32), 0o600)
+    return path.read_bytes()
+
+
+def ensure_consortium_keys(cfg: Any, keys_dir: Any) -> Path:
+    """Make the hospitals' shared key file once, before the hospitals start (launchers call this, then copy or share it).
+
+    split-he: ``consortium.secret`` (the CKKS secret context; its key material also seals the relay);
+    split-plain: ``relay.secret`` (32 random bytes), needed only when something is relayed. Never give
+    either file to the server. Returns the folder.
+    """
+    keys_dir = Path(keys_dir)
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.regime == "split-he":
+        from splitfl.he.keys import consortium_secret_context
+
+        consortium_secret_context(keys_dir / "consortium.secret", cfg.split.he_preset, "split.he_preset")
+    elif relay_needed(cfg):
+        relay_key_material(keys_dir, False)
+    return keys_dir
+
+
+# ============================================================================ server: sessions and turns
+
+
+class _Sessions:
+    def __init__(self, window: int = DEFAULT_REPLAY_WINDOW) -> None:
+        self.window = window
+        self.lock = threading.Lock()
+        self.sessions: dict[int, bytes] = {}
+        self.seen: dict[int, set[int]] = {}
+        self.highest: dict[int, int] = {}
+        self.nonces: set[bytes] = set()
+
+    def open(self, site: int, nonce: bytes) -> bytes:
+        with self.lock:
+            if len(nonce) != 16:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, "client_nonce must be 16 bytes")
+            if nonce in self.nonces:
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, pb.ERROR_CODE_REPLAYED, "Hello nonce seen before in this run")
+            self.nonces.add(nonce)
+            sid = os.urandom(16)
+            self.sessions[site], self.seen[site], self.highest[site] = sid, set(), 0
+            return sid
+
+    def check(self, site: int, session: bytes, seq: int) -> None:
+        with self.lock:
+            if site not in self.sessions or session != self.sessions[site]:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_UNKNOWN_SESSION,
+                             "unknown or replaced session: say Hello again")
+            hi = self.highest[site]
+            if seq < 1 or seq in self.seen[site] or seq <= hi - self.window:
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, pb.ERROR_CODE_REPLAYED,
+                             f"sequence {seq} already used or outside the replay window", highest_sequence=hi)
+            self.seen[site].add(seq)
+            self.highest[site] = max(hi, seq)
+            self.seen[site] = {s for s in self.seen[site] if s > self.highest[site] - self.window}
+
+
+@dataclasses.dataclass
+class _Eval:
+    eval_id: int
+    split: str
+    site: int
+    asked: float
+    result: Optional[dict] = None
+
+
+class Coordinator:
+    """Turn-taking, the epoch barrier, evaluation requests and the sealed relay blob (all under one condition)."""
+
+    def __init__(self, num_sites: int, relay: bool, close_on: str, *, turn_timeout_s: float = 300.0,
+                 join_timeout_s: float = 600.0, eval_timeout_s: float = 600.0) -> None:
+        self.num_sites, self.relay, self.close_on = num_sites, relay, close_on
+        self.turn_timeout_s, self.join_timeout_s, self.eval_timeout_s = turn_timeout_s, join_timeout_s, eval_timeout_s
+        self.cond = threading.Condition()
+        self.phase = "starting"  # train | between | done
+        self.epoch = 0
+        self.counts: dict[int, int] = {}
+        self.skipped: set[int] = set()
+        self.ended: dict[int, tuple[float, int]] = {}
+        self.open_step: Optional[tuple[int, int]] = None  # (step id, site)
+        self.next_step = 1
+        self.last_site = -1
+        self.last_seen: dict[int, float] = {}
+        self.eval: Optional[_Eval] = None
+        self.next_eval = 1
+        self.relay_version = 0
+        self.relay_blob = b""
+        self.done_seen: set[int] = set()
+        self.log: list[tuple[int, int]] = []  # (epoch, site) of every granted step, for tests and logs
+
+    # ---------------------------------------------------------------- called by handlers (under self.cond)
+
+    def seen(self, site: int) -> None:
+        self.last_seen[site] = time.monotonic()
+
+    def require_step(self, site: int, step: int) -> None:
+        if self.open_step is None or self.open_step != (step, site):
+            holder = f"step {self.open_step[0]} held by {site_name(self.open_step[1])}" if self.open_step else "no open step"
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                         f"{site_name(site)} does not hold step {step} ({holder})", retry_after_ms=200)
+
+    def close_step(self, site: int) -> None:
+        self.counts[site] = max(0, self.counts.get(site, 0) - 1)
+        self.open_step = None
+        self.cond.notify_all()
+
+    def turn(self, site: int, epoch: int, batches_left: int, max_wait_ms: int) -> Any:
+        deadline = time.monotonic() + min(max_wait_ms, 30_000) / 1000
+        while True:
+            self.seen(site)
+            r = self._turn_once(site, epoch, batches_left)
+            if r is not None or time.monotonic() >= deadline:
+                return r or pb.GetTurnResponse(state=pb.TURN_STATE_WAIT, epoch=self.epoch, retry_after_ms=200,
+                                               relay_version=self.relay_version)
+            self.cond.wait(max(0.0, min(0.5, deadline - time.monotonic())))
+
+    def _turn_once(self, site: int, epoch: int, batches_left: int) -> Any:
+        base = {"epoch": self.epoch, "relay_version": self.relay_version}
+        if self.phase == "done":
+            self.done_seen.add(site)
+            self.cond.notify_all()
+            return pb.GetTurnResponse(state=pb.TURN_STATE_RUN_DONE, **base)
+        ev = self.eval
+        if ev is not None and ev.result is None and ev.site == site:
+            return pb.GetTurnResponse(state=pb.TURN_STATE_EVALUATE, eval_split=ev.split, eval_id=ev.eval_id, **base)
+        if self.phase == "train" and epoch < self.epoch:  # the site is behind: tell it the epoch at once
+            return pb.GetTurnResponse(state=pb.TURN_STATE_WAIT, retry_after_ms=0, **base)
+        if self.phase != "train" or epoch != self.epoch or site in self.ended:
+            return None
+        if site not in self.counts and site not in self.skipped:
+            self.counts[site] = int(batches_left)
+            self.cond.notify_all()
+        if self.open_step is not None and self.open_step[1] == site:
+            return pb.GetTurnResponse(state=pb.TURN_STATE_YOURS, step=self.open_step[0], **base)
+        if site in self.skipped or self.counts.get(site, 0) == 0:
+            return pb.GetTurnResponse(state=pb.TURN_STATE_EPOCH_DONE, **base)
+        return None
+
+    def end_epoch(self, site: int, epoch: int, loss_sum: float, samples: int) -> Any:
+        if self.phase != "train" or epoch != self.epoch or site in self.ended:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                         f"epoch {epoch} is not open for {site_name(site)} (server epoch {self.epoch}, {self.phase})")
+        if site not in self.skipped and self.counts.get(site, 1) > 0:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                         f"{site_name(site)} still has {self.counts.get(site)} step(s) in epoch {epoch}")
+        if not (math.isfinite(loss_sum) and samples >= 0):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, "loss_sum must be finite")
+        self.ended[site] = (float(loss_sum), int(samples)) if site not in self.skipped else (0.0, 0)
+        self.cond.notify_all()
+        pending = [s for s in self.counts if s not in self.ended and s not in self.skipped]
+        return len(pending)
+
+    # ---------------------------------------------------------------- called by the server's runner
+
+    def _stale(self, site: int, timeout: float) -> bool:
+        return time.monotonic() - self.last_seen.get(site, 0.0) > timeout
+
+    def run_epoch(self, epoch: int) -> tuple[float, int, list[int]]:
+        """Coordinate one training epoch; returns (loss sum, samples, skipped sites)."""
+        with self.cond:
+            self.phase, self.epoch = "train", epoch
+            self.counts, self.skipped, self.ended = {}, set(), {}
+            self.open_step, self.last_site = None, -1
+            self.cond.notify_all()
+            deadline = time.monotonic() + self.join_timeout_s
+            while len(self.counts) < self.num_sites and time.monotonic() < deadline:
+                self.cond.wait(0.2)
+            self.skipped |= set(range(self.num_sites)) - set(self.counts)
+            while True:
+                if self.open_step is None:
+                    nxt = self._next_site()
+                    if nxt is None:
+                        break
+                    self.open_step = (self.next_step, nxt)
+                    self.next_step += 1
+                    self.last_site = nxt
+                    self.log.append((epoch, nxt))
+                    self.last_seen.setdefault(nxt, time.monotonic())
+                    self.cond.notify_all()
+                else:
+                    holder = self.open_step[1]
+                    if self._stale(holder, self.turn_timeout_s):
+                        self.skipped.add(holder)  # gone: the rest of the epoch goes on without it
+                        self.open_step = None
+                        continue
+                    self.cond.wait(0.2)
+            while True:
+                pending = [s for s in self.counts if s not in self.ended and s not in self.skipped]
+                if not pending:
+                    break
+                for s in pending:
+                    if self._stale(s, self.turn_timeout_s):
+                        self.skipped.add(s)
+                self.cond.wait(0.2)
+            self.phase = "between"
+            self.cond.notify_all()
+            loss = sum(v[0] for v in self.ended.values())
+            samples = sum(v[1] for v in self.ended.values())
+            return loss, samples, sorted(self.skipped)
+
+    def _next_site(self) -> Optional[int]:
+        for k in range(1, self.num_sites + 1):
+            s = (self.last_site + k) % self.num_sites
+            if s not in self.skipped and self.counts.get(s, 0) > 0:
+                return s
+        return None
+
+    def evaluate(self, split: str) -> dict:
+        with self.cond:
+            tried: set[int] = set()
+            while True:
+                live = [s for s in range(self.num_sites)
+                        if s not in tried and not self._stale(s, self.turn_timeout_s)] or \
+                       [s for s in range(self.num_sites) if s not in tried]
+                if not live:
+                    raise RuntimeError(f"no hospital evaluated the {split} split")
+                ev = _Eval(self.next_eval, split, live[0], time.monotonic())
+                self.next_eval += 1
+                self.eval = ev
+                self.cond.notify_all()
+                while ev.result is None and time.monotonic() - ev.asked < self.eval_timeout_s:
+                    self.cond.wait(0.2)
+                self.eval = None
+                if ev.result is not None:
+                    return ev.result
+                tried.add(ev.site)
+
+    def report_eval(self, site: int, eval_id: int, metrics: dict) -> bool:
+        ev = self.eval
+        if ev is None or ev.eval_id != eval_id or ev.site != site or ev.result is not None:
+            return False
+        ev.result = metrics
+        self.cond.notify_all()
+        return True
+
+    def finish(self, grace_s: float) -> None:
+        with self.cond:
+            self.phase = "done"
+            self.cond.notify_all()
+            deadline = time.monotonic() + grace_s
+            while len(self.done_seen) < self.num_sites and time.monotonic() < deadline:
+                self.cond.wait(0.2)
+
+
+# ============================================================================ server: the gRPC service
+
+
+class SplitServicer(pbg.SplitServiceServicer):
+    """``SplitService`` around a :class:`SplitServer` built on the head (the SplitServer is made when the context arrives in split-he)."""
+
+    def __init__(self, cfg: Any, run_id: str, head: torch.nn.Module, head_opt: Any, head_sched: Any,
+                 coordinator: Coordinator, *, authenticated: bool = True, recorder: Any = None) -> None:
+        from splitfl.split.server import SplitServer
+
+        self.cfg, self.run_id, self.fp = cfg, run_id, config_fingerprint(cfg)
+        self.mode = "he" if cfg.regime == "split-he" else "plain"
+        self.head, self.head_opt, self.head_sched = head, head_opt, head_sched
+        self.coord = coordinator
+        self.authenticated = authenticated
+        self.recorder = recorder
+        self.sessions = _Sessions()
+        self.lock = threading.RLock()  # one SplitServer operation at a time
+        self.layers = list(head.linear_layers()) if hasattr(head, "linear_layers") else [head]
+        self.server: Optional[SplitServer] = None
+        if self.mode == "plain":
+            self.server = SplitServer(head, head_opt, head_sched, "plain", recorder=recorder)
+        self.context_fp = b""
+        self.bytes_up = self.bytes_down = 0
+
+    # ---------------------------------------------------------------- checks
+
+    def _site(self, header: Any, context: grpc.ServicerContext, *, hello: bool = False) -> int:
+        from splitfl.net.tls import authenticated_site
+
+        if header.protocol_version not in SUPPORTED_VERSIONS:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_UNSUPPORTED_VERSION,
+                         f"protocol version {header.protocol_version} is not spoken here",
+                         supported_versions=list(SUPPORTED_VERSIONS))
+        if header.run_id != self.run_id or header.config_fingerprint != self.fp:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
+                         f"run {header.run_id!r} / config fingerprint {bytes(header.config_fingerprint).hex()[:16]} "
+                         f"is not this server's run {self.run_id!r} / {self.fp.hex()[:16]}")
+        site = int(header.site_id)
+        if site >= self.coord.num_sites:
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, pb.ERROR_CODE_SITE_MISMATCH, f"no site {site} in this run")
+        if self.authenticated:
+            who = authenticated_site(context)
+            if who != site_name(site):
+                raise _Abort(grpc.StatusCode.PERMISSION_DENIED, pb.ERROR_CODE_SITE_MISMATCH,
+                             f"the call is authenticated as {who!r}, not {site_name(site)!r}")
+        if not hello:
+            self.sessions.check(site, bytes(header.session_id), int(header.sequence))
+            with self.coord.cond:
+                self.coord.seen(site)
+        return site
+
+    def _payload(self, chunks: Iterator[Any], limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+        try:
+            return assemble(chunks, limit, max_chunk_bytes=DEFAULT_CHUNK_SIZE)
+        except ChunkError as e:
+            raise _Abort(getattr(grpc.StatusCode, e.grpc_code), e.error_code, str(e),
+                         transfer_id=e.transfer_id, chunk_index=e.index) from None
+
+    def _open(self, request_iterator: Iterator[Any], first_only: tuple[str, ...]) -> tuple[Any, Iterator[Any]]:
+        try:
+            return open_stream(request_iterator, first_only)
+        except ChunkError as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_CHUNKS, str(e)) from None
+
+    def _need_server(self) -> Any:
+        if self.server is None:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                         "the server has no public context yet: UploadContext first", retry_after_ms=500)
+        return self.server
+
+    def _encoding(self, got: int, want: int) -> None:
+        if got != want:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD,
+                         f"payload encoding {pb.PayloadEncoding.Name(got)} where this {self.mode} server expects "
+                         f"{pb.PayloadEncoding.Name(want)}")
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        from splitfl.he import HEError
+
+        try:
+            return fn()
+        except (ProtocolError, HEError) as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, str(e)) from None
+
+    def _wire(self) -> int:
+        return pb.PAYLOAD_ENCODING_CKKS_BATCH if self.mode == "he" else pb.PAYLOAD_ENCODING_TENSOR
+
+    @staticmethod
+    def _reply(message: Any, seq: int, payload: bytes) -> Iterator[Any]:
+        first = True
+        for c in split_payload(payload):
+            yield message(header=_resp_header(seq), chunk=c) if first else message(chunk=c)
+            first = False
+
+    def _guard(fn: Callable) -> Callable:  # a decorator of the methods below
+        def unary(self: "SplitServicer", request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return fn(self, request, context)
+            except _Abort as a:
+                _abort(context, a)
+
+        unary.__name__ = fn.__name__
+        return unary
+
+    def _guard_stream(fn: Callable) -> Callable:  # a decorator of the methods below
+        def stream(self: "SplitServicer", request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from fn(self, request, context)
+            except _Abort as a:
+                _abort(context, a)
+
+        stream.__name__ = fn.__name__
+        return stream
+
+    # ---------------------------------------------------------------- RPCs
+
+    def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
+        h = request.header
+        ok, problem = True, ""
+        if h.protocol_version not in SUPPORTED_VERSIONS:
+            ok, problem = False, f"protocol version {h.protocol_version} is not spoken here"
+        elif h.run_id and (h.run_id != self.run_id or (h.config_fingerprint and h.config_fingerprint != self.fp)):
+            ok, problem = False, "run id or config fingerprint differ from this server's"
+        state = {"starting": pb.SERVING_STATE_SERVING, "train": pb.SERVING_STATE_SERVING,
+                 "between": pb.SERVING_STATE_SERVING, "done": pb.SERVING_STATE_FINISHED}[self.coord.phase]
+        return pb.StatusResponse(header=_resp_header(0), state=state, supported_versions=list(SUPPORTED_VERSIONS),
+                                 run_id=self.run_id, progress=self.coord.epoch, header_ok=ok, header_problem=problem,
+                                 server_version=SERVER_VERSION)
+
+    @_guard
+    def Hello(self, request: Any, context: grpc.ServicerContext) -> Any:
+        site = self._site(request.header, context, hello=True)
+        if request.feature_dim and request.feature_dim != self.layers[0].in_features:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
+                         f"encoder width {request.feature_dim} != head input {self.layers[0].in_features}")
+        with self.lock:
+            if self.mode == "he" and self.context_fp and request.context_fingerprint != self.context_fp:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
+                             "the hospital encrypts under another consortium context than the server holds")
+            sid = self.sessions.open(site, bytes(request.client_nonce))
+            srv = self.server
+            slots = srv.he.slots if (srv is not None and srv.he is not None) else 0
+            predict = bool(srv is not None and getattr(srv, "he_mlp", None) is not None
+                           and srv.context is not None and srv.context.has_galois_keys())
+        return pb.SplitHelloResponse(
+            header=_resp_header(0),
+            session=pb.SessionInfo(session_id=sid, replay_window=self.sessions.window, max_chunk_bytes=DEFAULT_CHUNK_SIZE,
+                                   max_payload_bytes=MAX_PAYLOAD_BYTES, server_version=SERVER_VERSION),
+            mode=pb.SPLIT_MODE_HE if self.mode == "he" else pb.SPLIT_MODE_PLAIN,
+            layers=[pb.HeadLayer(in_features=l.in_features, out_features=l.out_features) for l in self.layers],
+            batch_capacity=self.cfg.train.batch_size, slots=slots, predict_available=predict,
+            context_needed=self.mode == "he" and srv is None, num_sites=self.coord.num_sites,
+        )
+
+    @_guard
+    def UploadContext(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        from splitfl.he.keys import context_fingerprint
+        from splitfl.split.server import SplitServer
+
+        first, chunks = self._open(request_iterator, ("header", "meta"))
+        self._site(first.header, context)
+        if self.mode != "he":
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER, "split-plain needs no context")
+        data = self._payload(chunks, MAX_CONTEXT_BYTES)
+        with self.lock:
+            if self.server is None:
+                srv = self._run(lambda: SplitServer(self.head, self.head_opt, self.head_sched, "he", data,
+                                                    self.cfg.train.batch_size, self.recorder))
+                fp = _fp_bytes(context_fingerprint(srv.context))
+                if first.meta.context_fingerprint and fp != first.meta.context_fingerprint:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD,
+                                 "the context's fingerprint differs from the announced one")
+                if srv.has_secret_key():  # load_public_context already refuses; belt and braces
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, "context holds a secret key")
+                self.server, self.context_fp = srv, fp
+            elif first.meta.context_fingerprint != self.context_fp:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
+                             "the server already holds another consortium context")
+        return pb.UploadContextResponse(header=_resp_header(first.header.sequence), context_fingerprint=self.context_fp,
+                                        bytes_received=len(data))
+
+    @_guard
+    def GetTurn(self, request: Any, context: grpc.ServicerContext) -> Any:
+        site = self._site(request.header, context)
+        with self.coord.cond:
+            r = self.coord.turn(site, int(request.epoch), int(request.batches_left), int(request.max_wait_ms))
+        r.header.CopyFrom(_resp_header(request.header.sequence))
+        return r
+
+    @_guard_stream
+    def Forward(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        first, chunks = self._open(request_iterator, ("header", "call"))
+        site = self._site(first.header, context)
+        call = first.call
+        self._encoding(call.encoding, self._wire())
+        if call.train:
+            with self.coord.cond:
+                self.coord.require_step(site, call.step)
+        payload = self._payload(chunks)
+        with self.lock:
+            srv = self._need_server()
+            if call.train:
+                with self.coord.cond:
+                    self.coord.require_step(site, call.step)
+            reply = self._run(lambda: srv.forward(payload, train=call.train, layer=call.layer))
+            if call.train:
+                self.bytes_up += len(payload)
+                self.bytes_down += len(reply)
+        yield from self._reply(pb.ForwardResponse, first.header.sequence, reply)
+
+    @_guard_stream
+    def Backward(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        first, chunks = self._open(request_iterator, ("header", "call"))
+        site = self._site(first.header, context)
+        call = first.call
+        self._encoding(call.encoding, self._wire())
+        with self.coord.cond:
+            self.coord.require_step(site, call.step)
+        payload = self._payload(chunks)
+        with self.lock:
+            srv = self._need_server()
+            with self.coord.cond:
+                self.coord.require_step(site, call.step)
+            reply = self._run(lambda: srv.backward(payload, layer=call.layer))
+            self.bytes_up += len(payload)
+            self.bytes_down += len(reply)
+            if self.coord.close_on == "backward":
+                with self.coord.cond:
+                    self.coord.close_step(site)
+        yield from self._reply(pb.BackwardResponse, first.header.sequence, reply)
+
+    @_guard_stream
+    def Predict(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        first, chunks = self._open(request_iterator, ("header", "call"))
+        self._site(first.header, context)
+        self._encoding(first.call.encoding, pb.PAYLOAD_ENCODING_CKKS_BATCH)
+        payload = self._payload(chunks)
+        with self.lock:
+            srv = self._need_server()
+            reply = self._run(lambda: srv.predict(payload))
+        yield from self._reply(pb.PredictResponse, first.header.sequence, reply)
+
+    @_guard
+    def ApplyUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        first, chunks = self._open(request_iterator, ("header", "call"))
+        site = self._site(first.header, context)
+        call = first.call
+        self._encoding(call.encoding, pb.PAYLOAD_ENCODING_TENSOR)
+        with self.coord.cond:
+            self.coord.require_step(site, call.step)
+        payload = self._payload(chunks)
+        with self.lock:
+            srv = self._need_server()
+            with self.coord.cond:
+                self.coord.require_step(site, call.step)
+            self._run(lambda: srv.apply_update(payload))
+            self.bytes_up += len(payload)
+            if self.coord.close_on == "update":
+                with self.coord.cond:
+                    self.coord.close_step(site)
+        return pb.ApplyUpdateResponse(header=_resp_header(first.header.sequence), step=call.step)
+
+    @_guard
+    def UploadRelay(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        first, chunks = self._open(request_iterator, ("header", "meta"))
+        site = self._site(first.header, context)
+        meta = first.meta
+        with self.coord.cond:
+            if not self.coord.relay:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER, "this run relays nothing")
+            self.coord.require_step(site, meta.step)
+            if meta.version != self.coord.relay_version + 1:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                             f"relay version {meta.version}: expected {self.coord.relay_version + 1}")
+        blob = self._payload(chunks)
+        with self.coord.cond:
+            self.coord.require_step(site, meta.step)
+            self.coord.relay_blob, self.coord.relay_version = blob, int(meta.version)
+            self.coord.close_step(site)
+            version = self.coord.relay_version
+        return pb.UploadRelayResponse(header=_resp_header(first.header.sequence), version=version)
+
+    @_guard_stream
+    def DownloadRelay(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self._site(request.header, context)
+        with self.coord.cond:
+            version, blob = self.coord.relay_version, self.coord.relay_blob
+        first = True
+        for c in split_payload(blob):
+            yield (pb.DownloadRelayResponse(header=_resp_header(request.header.sequence), version=version, chunk=c)
+                   if first else pb.DownloadRelayResponse(chunk=c))
+            first = False
+
+    @_guard
+    def ReportEval(self, request: Any, context: grpc.ServicerContext) -> Any:
+        site = self._site(request.header, context)
+        try:
+            metrics = json.loads(request.metrics_json)
+            if not isinstance(metrics, dict) or "auroc_macro" not in metrics:
+                raise ValueError("no auroc_macro")
+        except ValueError as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, f"metrics are not usable: {e}") from None
+        with self.coord.cond:
+            ok = self.coord.report_eval(site, int(request.eval_id), metrics)
+        return pb.ReportEvalResponse(header=_resp_header(request.header.sequence), accepted=ok)
+
+    @_guard
+    def EndEpoch(self, request: Any, context: grpc.ServicerContext) -> Any:
+        site = self._site(request.header, context)
+        with self.coord.cond:
+            pending = self.coord.end_epoch(site, int(request.epoch), float(request.loss_sum), int(request.samples))
+        return pb.EndEpochResponse(header=_resp_header(request.header.sequence), epoch=request.epoch,
+                                   epoch_closed=pending == 0, sites_pending=pending)
+
+    def has_secret_key(self) -> bool:
+        return bool(self.server is not None and self.server.has_secret_key())
+
+
+def serve(servicer: SplitServicer, address: str, pki_dir: Any, insecure: bool, max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """A started gRPC server for ``servicer`` on ``address`` (mutual TLS + site tokens unless ``insecure``)."""
+    from splitfl.net.certs import load_pki
+    from splitfl.net.tls import SiteAuthInterceptor, add_server_port, server_credentials
+
+    interceptors = []
+    creds = None
+    if pki_dir is not None:
+        pki_root = Path(pki_dir)
+        tokens = load_pki(pki_root).tokens if (pki_root / "manifest.json").exists() else pki_root / "tokens.json"
+        interceptors.append(SiteAuthInterceptor(tokens, require_peer_cert=not insecure, exempt=STATUS_METHODS))
+        if not insecure:
+            creds = server_credentials(load_pki(pki_root) if (pki_root / "manifest.json").exists() else pki_root)
+    else:
+        servicer.authenticated = False
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+    pbg.add_SplitServiceServicer_to_server(servicer, server)
+    port = add_server_port(server, address, creds, insecure=insecure)
+    server.start()
+    return server, port
+
+
+# ============================================================================ server: the runner for fit()
+
+
+class RemoteServerRunner:
+    """``splitfl.train.fit``'s runner on the server: epochs and evaluations happen at the hospitals."""
+
+    def __init__(self, cfg: Any, splits: Any, servicer: SplitServicer, coordinator: Coordinator) -> None:
+        self.cfg, self.splits, self.svc, self.coord = cfg, splits, servicer, coordinator
+        self.train_set = splits.train
+        self.train_bytes_up = self.train_bytes_down = self.train_samples = self.epochs_done = 0
+        self._extras: dict[str, Any] = {}
+
+    def train_epoch(self, epoch: int, desc: str) -> float:
+        up0, down0 = self.svc.bytes_up, self.svc.bytes_down
+        loss, samples, skipped = self.coord.run_epoch(epoch)
+        if self.svc.head_sched is not None:
+            self.svc.head_sched.step()  # SplitServer.end_epoch
+        up, down = self.svc.bytes_up - up0, self.svc.bytes_down - down0
+        self.train_bytes_up += up
+        self.train_bytes_down += down
+        self.train_samples += samples
+        self.epochs_done += 1
+        self._extras = {"bytes_up": up, "bytes_down": down, "sites_skipped": len(skipped)}
+        return loss / max(samples, 1)
+
+    def evaluate(self, dataset: Any) -> dict[str, Any]:
+        split = "val" if dataset is self.splits.val else "test" if dataset is self.splits.test else None
+        if split is None:
+            raise ValueError("the remote runner evaluates only the validation and test splits")
+        return self.coord.evaluate(split)
+
+    def lr(self) -> float:
+        return self.svc.head_opt.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        with self.coord.cond:
+            relay = (self.coord.relay_version, self.coord.relay_blob, self.coord.next_step)
+        return {
+            "head": self.svc.head.state_dict(),
+            "optimizer": self.svc.head_opt.state_dict(),
+            "scheduler": self.svc.head_sched.state_dict() if self.svc.head_sched is not None else None,
+            "relay": relay,
+            "counters": (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done,
+                         self.svc.bytes_up, self.svc.bytes_down),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.svc.head.load_state_dict(state["head"])
+        self.svc.head_opt.load_state_dict(state["optimizer"])
+        if self.svc.head_sched is not None and state.get("scheduler") is not None:
+            self.svc.head_sched.load_state_dict(state["scheduler"])
+        with self.coord.cond:
+            self.coord.relay_version, self.coord.relay_blob, self.coord.next_step = state["relay"]
+        (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done,
+         self.svc.bytes_up, self.svc.bytes_down) = state["counters"]
+
+    def model_state(self) -> dict[str, Any]:
+        out = {f"head.{k}": v.detach().clone() for k, v in self.svc.head.state_dict().items()}
+        with self.coord.cond:
+            if self.coord.relay:
+                out["_relay.version"] = torch.tensor(self.coord.relay_version, dtype=torch.int64)
+                blob = self.coord.relay_blob
+                out["_relay.sealed"] = (torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone() if blob
+                                        else torch.zeros(0, dtype=torch.uint8))
+        return out
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.svc.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        if "_relay.version" in state:
+            with self.coord.cond:
+                self.coord.relay_version = int(state["_relay.version"])
+                self.coord.relay_blob = state["_relay.sealed"].numpy().tobytes()
+
+    def epoch_extras(self) -> dict[str, Any]:
+        return dict(self._extras)
+
+    def result_extras(self) -> dict[str, Any]:
+        samples = max(self.train_samples, 1)
+        cfg = self.cfg
+        return {
+            "protocol": {
+                "regime": cfg.regime,
+                "hospitals": self.coord.num_sites,
+                "encoder_trainable": not cfg.model.freeze_encoder,
+                "he_preset": cfg.split.he_preset if cfg.regime == "split-he" else None,
+                "server_has_secret_key": self.svc.has_secret_key(),
+                "transport": "grpc",
+                "encoder_relay": self.coord.relay,
+            },
+            "wire": {
+                "train_bytes_up": self.train_bytes_up,
+                "train_bytes_down": self.train_bytes_down,
+                "bytes_per_sample_up": self.train_bytes_up / samples,
+                "bytes_per_sample_down": self.train_bytes_down / samples,
+                "bytes_per_round": (self.train_bytes_up + self.train_bytes_down) / max(self.epochs_done, 1),
+            },
+        }
+
+
+def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecure: bool, **kw: Any) -> dict[str, Any]:
+    """Serve the head of a split-plain / split-he run until it finishes; writes what ``splitfl train`` writes.
+
+    Keywords: ``run_id`` (default: from the config fingerprint), ``turn_timeout_s`` (alias ``round_timeout``;
+    300: a hospital silent that long while it should act is skipped for the rest of the epoch),
+    ``join_timeout_s`` (600: how long each epoch waits for every hospital's first GetTurn), ``eval_timeout_s``
+    (600), ``finish_grace_s`` (10: how long to wait for every hospital to hear that the run is over),
+    ``on_ready`` (called with the bound port once serving), ``max_workers``. ``pki_dir``: the PKI root or the
+    server's folder (tokens.json, server certificate); never the consortium secret. Rerun on the same
+    ``out_dir`` to resume from the checkpoint; the hospitals reconnect by themselves.
+    """
+    import yaml
+
+    from splitfl.artifacts import write_json, write_text
+    from splitfl.data import load_splits
+    from splitfl.models import build_split_model
+    from splitfl.plots import plot_learning_curves
+    from splitfl.train import RunError, config_dict, fit, make_fabric, make_optimizer, make_scheduler
+
+    if cfg.regime not in ("split-plain", "split-he"):
+        raise RunError(f"run_split_server serves split-plain / split-he, not {cfg.regime!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    run_id = kw.get("run_id") or f"split-{config_fingerprint(cfg).hex()[:16]}"
+    fabric = make_fabric(cfg.train)
+    splits = load_splits(cfg.data)
+    with _BUILD_LOCK:
+        fabric.seed_everything(cfg.seed, verbose=False)
+        split_model, _ = build_split_model(cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size)
+    head = split_model.head
+    del split_model  # the server never uses an encoder
+    head_opt = make_optimizer(list(head.parameters()), cfg.train)
+    head_sched = make_scheduler(head_opt, cfg.train)
+    relay = relay_needed(cfg)
+    close_on = "relay" if relay else ("update" if cfg.regime == "split-he" else "backward")
+    coord = Coordinator(cfg.data.partition.num_sites, relay, close_on,
+                        turn_timeout_s=_kw(kw, "turn_timeout_s", "round_timeout", 300.0),
+                        join_timeout_s=_kw(kw, "join_timeout_s", "join_timeout", 600.0),
+                        eval_timeout_s=_kw(kw, "eval_timeout_s", "eval_timeout", 600.0))
+    recorder = None
+    if cfg.split.transcript:
+        from splitfl.split.transcript import TranscriptRecorder
+
+        layers = head.linear_layers()
+        recorder = TranscriptRecorder(
+            out_dir / "transcript", cfg.split.transcript_max_steps,
+            {"regime": cfg.regime, "in_features": layers[0].in_features, "num_classes": layers[-1].out_features,
+             "head_layers": [[l.in_features, l.out_features] for l in layers], "batch_size": cfg.train.batch_size,
+             "he_preset": cfg.split.he_preset if cfg.regime == "split-he" else None, "transport": "grpc"})
+    svc = SplitServicer(cfg, run_id, head, head_opt, head_sched, coord, recorder=recorder)
+    server, port = serve(svc, address, pki_dir, insecure, kw.get("max_workers", 8 + 3 * coord.num_sites))
+    fabric.print(f"[split server] run {run_id}: serving {cfg.regime} on port {port} for {coord.num_sites} hospitals")
+    if kw.get("on_ready") is not None:
+        kw["on_ready"](port)
+    runner = RemoteServerRunner(cfg, splits, svc, coord)
+    try:
+        result = fit(fabric, runner, cfg, splits, out_dir, f"{cfg.regime} server")
+        coord.finish(_kw(kw, "finish_grace_s", "finish_grace", 10.0))  # tells the hospitals the run is over
+    finally:
+        # On a crash the hospitals are NOT told the run is over: they wait for the server to come back and
+        # resume from its checkpoint (rerun with the same out_dir).
+        server.stop(grace=1.0).wait()
+    plot_learning_curves({cfg.regime: result["history"]}, out_dir / "learning_curves.png", f"{cfg.regime} (gRPC)")
+    metrics = {
+        "regime": cfg.regime,
+        "task": {"name": splits.task.name, "type": splits.task.task_type, "labels": list(splits.task.label_names)},
+        "data": {"source": splits.source, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "model": {"name": cfg.model.name, "cut": cfg.model.cut, "freeze_encoder": cfg.model.freeze_encoder},
+        **{k: v for k, v in result.items() if k != "history"},
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    write_text(out_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+# ============================================================================ hospital: the stub
+
+
+class RemoteSplitServer:
+    """The hospital's view of the remote head: the methods the transports call, over gRPC."""
+
+    def __init__(self, channel: grpc.Channel, site: int, run_id: str, fingerprint: bytes, *,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, timeout_s: float = 600.0) -> None:
+        self.stub = pbg.SplitServiceStub(channel)
+        self.channel = channel
+        self.site, self.run_id, self.fp = site, run_id, fingerprint
+        self.chunk_size, self.timeout = chunk_size, timeout_s
+        self._seq = 0
+        self._lock = threading.Lock()
+        self.session = b""
+        self.step = 0
+        self._part: dict[tuple[str, int], int] = {}
+        self.layers: list[Any] = []
+        self.he: Any = None
+        self.he_mlp: Any = None
+        self.recorder = None
+        self.optimizer: Any = None
+        self.mode = "plain"
+        self.hello: Any = None
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _header(self, hello: bool = False) -> Any:
+        with self._lock:
+            if not hello:
+                self._seq += 1
+            return pb.RequestHeader(protocol_version=PROTOCOL_VERSION, run_id=self.run_id, config_fingerprint=self.fp,
+                                    site_id=self.site, session_id=b"" if hello else self.session,
+                                    sequence=0 if hello else self._seq)
+
+    def _requests(self, cls: Any, payload: bytes, **first: Any) -> Iterator[Any]:
+        it = split_payload(payload, self.chunk_size)
+        yield cls(header=self._header(), chunk=next(it), **first)
+        for c in it:
+            yield cls(chunk=c)
+
+    def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, timeout=self.timeout, **kwargs)
+        except grpc.RpcError as e:
+            raise _remote_error(e) from None
+
+    def _bidi(self, method: Any, cls: Any, payload: bytes, **first: Any) -> bytes:
+        try:
+            responses = method(self._requests(cls, payload, **first), timeout=self.timeout)
+            _, chunks = open_stream(responses, ("header",))
+            return assemble(chunks, MAX_PAYLOAD_BYTES)
+        except grpc.RpcError as e:
+            raise _remote_error(e) from None
+
+    def _part_of(self, kind: str, layer: int) -> int:
+        key = (kind, layer)
+        self._part[key] = self._part.get(key, -1) + 1
+        return self._part[key]
+
+    def begin_step(self, step: int) -> None:
+        self.step, self._part = step, {}
+
+    # ---------------------------------------------------------------- session
+
+    def connect(self, feature_dim: int = 0, context_fingerprint: bytes = b"") -> Any:
+        r = self._call(self.stub.Hello, pb.SplitHelloRequest(
+            header=self._header(hello=True), client_nonce=os.urandom(16), context_fingerprint=context_fingerprint,
+            feature_dim=feature_dim, client_version=SERVER_VERSION))
+        with self._lock:
+            self.session, self._seq = bytes(r.session.session_id), 0
+        self.hello = r
+        self.mode = "he" if r.mode == pb.SPLIT_MODE_HE else "plain"
+        self.layers = [SimpleNamespace(in_features=l.in_features, out_features=l.out_features) for l in r.layers]
+        return r
+
+    def bind(self, head: Any, optimizer: Any, scheduler: Any, mode: str, public_context: Optional[bytes] = None,
+             batch_capacity: int = 64, recorder: Any = None) -> "RemoteSplitServer":
+        """``SplitRunner(server_factory=client.bind)``: say Hello (uploading the public context if the server needs it)."""
+        self.optimizer = optimizer
+        fp = b""
+        ctx = None
+        if mode == "he":
+            from splitfl.he.keys import context_fingerprint, load_public_context, params_of
+
+            ctx = load_public_context(public_context)
+            fp = _fp_bytes(context_fingerprint(ctx))
+        in_features = head.linear_layers()[0].in_features if hasattr(head, "linear_layers") else head.in_features
+        r = self.connect(in_features, fp)
+        if (mode == "he") != (self.mode == "he"):
+            raise ProtocolError(f"this hospital runs split-{mode} but the server runs split-{self.mode}")
+        local = [(l.in_features, l.out_features) for l in (head.linear_layers() if hasattr(head, "linear_layers") else [head])]
+        if local != [(l.in_features, l.out_features) for l in self.layers]:
+            raise ProtocolError(f"head layers {local} differ from the server's")
+        if mode == "he":
+            if r.context_needed:
+                self.upload_context(public_context, fp, galois=ctx.has_galois_keys(), relin=False)
+            slots = params_of(ctx).slots
+            self.he = SimpleNamespace(slots=slots)
+            coeffs = getattr(getattr(head, "act", None), "coeffs", None)
+            if len(self.layers) == 2 and coeffs is not None and len(coeffs) <= 3:
+                self.he_mlp = SimpleNamespace(in_features=self.layers[0].in_features, hidden=self.layers[0].out_features,
+                                              num_classes=self.layers[1].out_features, coeffs=tuple(coeffs))
+        return self
+
+    def upload_context(self, data: bytes, fingerprint: bytes, galois: bool = False, relin: bool = False) -> Any:
+        meta = pb.ContextMeta(context_fingerprint=fingerprint, galois_keys=galois, relin_keys=relin)
+        return self._call(self.stub.UploadContext, self._requests(pb.UploadContextRequest, data, meta=meta))
+
+    def status(self) -> Any:
+        return self._call(self.stub.Status, pb.StatusRequest(header=pb.RequestHeader(protocol_version=PROTOCOL_VERSION)))
+
+    def get_turn(self, epoch: int, batches_left: int, max_wait_ms: int = 2000) -> Any:
+        return self._call(self.stub.GetTurn, pb.GetTurnRequest(header=self._header(), epoch=epoch,
+                                                               batches_left=batches_left, max_wait_ms=max_wait_ms))
+
+    def end_epoch_remote(self, epoch: int, loss_sum: float, samples: int) -> Any:
+        return self._call(self.stub.EndEpoch, pb.EndEpochRequest(header=self._header(), epoch=epoch, loss_sum=loss_sum,
+                                                                 samples=samples))
+
+    def upload_relay(self, step: int, version: int, blob: bytes) -> Any:
+        meta = pb.RelayMeta(step=step, version=version)
+        return self._call(self.stub.UploadRelay, self._requests(pb.UploadRelayRequest, blob, meta=meta))
+
+    def download_relay(self) -> tuple[int, bytes]:
+        try:
+            responses = self.stub.DownloadRelay(pb.DownloadRelayRequest(header=self._header()), timeout=self.timeout)
+            first, chunks = open_stream(responses, ("header",))
+            return int(first.version), assemble(chunks, MAX_PAYLOAD_BYTES)
+        except grpc.RpcError as e:
+            raise _remote_error(e) from None
+
+    def report_eval(self, eval_id: int, metrics: dict) -> Any:
+        return self._call(self.stub.ReportEval, pb.ReportEvalRequest(header=self._header(), eval_id=eval_id,
+                                                                     metrics_json=json.dumps(metrics)))
+
+    # ---------------------------------------------------------------- the SplitServer interface
+
+    def _wire(self) -> int:
+        return pb.PAYLOAD_ENCODING_CKKS_BATCH if self.mode == "he" else pb.PAYLOAD_ENCODING_TENSOR
+
+    def forward(self, payload: bytes, train: bool = True, layer: int = 0) -> bytes:
+        call = pb.ForwardCall(step=self.step if train else 0, part=self._part_of("f", layer) if train else 0,
+                              layer=layer, train=train, encoding=self._wire())
+        return self._bidi(self.stub.Forward, pb.ForwardRequest, payload, call=call)
+
+    def backward(self, payload: bytes, layer: Optional[int] = None) -> bytes:
+        layer = len(self.layers) - 1 if layer is None else layer
+        call = pb.BackwardCall(step=self.step, part=self._part_of("b", layer), layer=layer, encoding=self._wire())
+        return self._bidi(self.stub.Backward, pb.BackwardRequest, payload, call=call)
+
+    def predict(self, payload: bytes) -> bytes:
+        call = pb.PredictCall(part=0, encoding=pb.PAYLOAD_ENCODING_CKKS_BATCH)
+        return self._bidi(self.stub.Predict, pb.PredictRequest, payload, call=call)
+
+    def apply_update(self, payload: bytes) -> None:
+        call = pb.ApplyUpdateCall(step=self.step, encoding=pb.PAYLOAD_ENCODING_TENSOR)
+        self._call(self.stub.ApplyUpdate, self._requests(pb.ApplyUpdateRequest, payload, call=call))
+
+    def end_epoch(self) -> None:
+        """In-process API compatibility: the remote epoch ends with :meth:`end_epoch_remote` (a barrier)."""
+
+    def update_size(self) -> int:
+        return sum(l.out_features * (l.in_features + 1) for l in self.layers)
+
+    def has_secret_key(self) -> bool:
+        return False  # the hospital cannot know; the server reports its own
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+# ============================================================================ hospital: the loop
+
+
+def _hospital_state(runner: Any, sched_epochs: int) -> bytes:
+    state = {
+        "encoder": runner.encoder.state_dict(),
+        "enc_opt": runner.enc_opt.state_dict() if runner.enc_opt is not None else None,
+        "enc_sched": runner.enc_sched.state_dict() if runner.enc_sched is not None else None,
+        "accountants": [a.state_dict() for a in runner.accountants],
+        "noise_rng": runner._noise.get_state(),
+        "sched_epochs": sched_epochs,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _load_hospital_state(runner: Any, data: bytes) -> int:
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)  # authenticated by AES-GCM first
+    runner.encoder.load_state_dict(state["encoder"])
+    if runner.enc_opt is not None and state["enc_opt"] is not None:
+        runner.enc_opt.load_state_dict(state["enc_opt"])
+    if runner.enc_sched is not None and state["enc_sched"] is not None:
+        runner.enc_sched.load_state_dict(state["enc_sched"])
+    for acc, s in zip(runner.accountants, state["accountants"]):
+        acc.load_state_dict(s)
+    runner._noise.set_state(state["noise_rng"])
+    runner._feature_cache.clear()
+    return int(state["sched_epochs"])
+
+
+def _kw(kw: dict, name: str, alias: str, default: Any) -> Any:
+    """A keyword under its name here or the launcher's (splitfl.net.launch) name; None means the default."""
+    for key in (name, alias):
+        if kw.get(key) is not None:
+            return kw[key]
+    return default
+
+
+def _hospital_keys(cfg: Any, out_dir: Path, pki_dir: Any, kw: dict) -> Path:
+    """``<out>/keys`` with the hospitals' shared key file, copied in from ``keys_dir`` / ``keys`` / the PKI folder if needed.
+
+    The file is ``consortium.secret`` (split-he) or ``relay.secret`` (split-plain, when something is relayed).
+    Looked up in order: ``<out>/keys``, the ``keys_dir`` keyword (a folder), the ``keys`` keyword (the file),
+    ``<pki_dir>/<file>``, ``<pki_dir>/keys/<file>``. Missing everywhere, the runner makes one (fine for a
+    single hospital; with several, their keys differ and the server refuses the second at Hello).
+    """
+    from splitfl.artifacts import write_bytes
+
+    target = out_dir / "keys"
+    name = "consortium.secret" if cfg.regime == "split-he" else (RELAY_KEY_FILE if relay_needed(cfg) else None)
+    if name is None or (target / name).exists():
+        return target
+    candidates = []
+    if kw.get("keys_dir"):
+        candidates.append(Path(kw["keys_dir"]) / name)
+    if kw.get("keys"):
+        candidates.append(Path(kw["keys"]))
+    if pki_dir is not None:
+        pki = Path(pki_dir)
+        candidates += [pki / name, pki / "keys" / name]
+        if pki.parent.name == "sites":  # a site folder of a development PKI: the key may sit at the PKI root
+            candidates.append(pki.parent.parent / name)
+    for c in candidates:
+        if c.is_file():
+            write_bytes(target / name, c.read_bytes(), 0o600)
+            break
+    return target
+
+
+def _site_channel(server: str, site: int, pki_dir: Any, insecure: bool) -> grpc.Channel:
+    from splitfl.net.certs import read_token
+    from splitfl.net.tls import channel_credentials, make_channel, site_paths
+
+    if pki_dir is None:
+        return make_channel(server, insecure=insecure)
+    sp = site_paths(pki_dir, site_name(site)) if (Path(pki_dir) / "manifest.json").exists() else site_paths(pki_dir)
+    if sp.site != site_name(site):
+        raise ValueError(f"{pki_dir} holds the credentials of {sp.site}, not {site_name(site)}")
+    creds = None if insecure else channel_credentials(sp.ca_cert, sp.cert, sp.key)
+    return make_channel(server, creds, insecure=insecure, site=sp.site, token=read_token(sp.token))
+
+
+def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: bool, out_dir: Any, **kw: Any) -> None:
+    """Hospital ``site`` of a split run whose head is served at ``server``; returns when the run is over.
+
+    ``pki_dir``: the PKI root (with manifest.json) or this site's folder (ca.crt, client.crt, client.key, token).
+    The hospitals must share one key file, ``consortium.secret`` (split-he) or ``relay.secret`` (split-plain
+    with a trainable encoder): it is taken from ``<out_dir>/keys/``, else copied there from the ``keys_dir``
+    folder, the ``keys`` file, ``<pki_dir>/``, ``<pki_dir>/keys/`` or the PKI root above a ``sites/<site>``
+    folder (see :func:`_hospital_keys`). Keywords: ``run_id`` (as the server's), ``connect_timeout_s``
+    (alias ``connect_timeout``; 120), ``reconnect_timeout_s`` (300: how long to wait for a server
+    that went away to come back, e.g. restarted to resume from its checkpoint), ``poll_ms`` (2000). Make the
+    shared key file first with :func:`ensure_consortium_keys` (two hospitals making it at once would make two
+    different keys; the server then refuses one of them at Hello).
+    """
+    from splitfl.data import load_splits
+    from splitfl.split.runner import SplitRunner
+    from splitfl.train import RunError, make_fabric
+
+    if cfg.regime not in ("split-plain", "split-he"):
+        raise RunError(f"run_split_site runs split-plain / split-he hospitals, not {cfg.regime!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp = config_fingerprint(cfg)
+    run_id = kw.get("run_id") or f"split-{fp.hex()[:16]}"
+    fabric = make_fabric(cfg.train)
+    splits = load_splits(cfg.data)
+    keys_dir = _hospital_keys(cfg, out_dir, pki_dir, kw)
+    run_dir = out_dir  # SplitRunner reads <out>/keys/consortium.secret
+    site_cfg = copy.deepcopy(cfg)
+    site_cfg.split.transcript = False  # the transcript is the server's view: recorded by run_split_server
+    channel = _site_channel(server, site, pki_dir, insecure)
+    reconnect_s = float(kw.get("reconnect_timeout_s", 300.0))
+    first = True
+    try:
+        while True:
+            try:
+                grpc.channel_ready_future(channel).result(
+                    timeout=_kw(kw, "connect_timeout_s", "connect_timeout", 120.0) if first else reconnect_s)
+            except grpc.FutureTimeoutError:
+                raise RunError(f"{site_name(site)}: no split server at {server}") from None
+            first = False
+            client = RemoteSplitServer(channel, site, run_id, fp)
+            runner = None
+            try:
+                # Every (re)connection starts from the initial hospital state; the shared state comes from the relay.
+                with _BUILD_LOCK:
+                    fabric.seed_everything(cfg.seed, verbose=False)
+                    runner = SplitRunner(fabric, site_cfg, splits, run_dir, server_factory=client.bind)
+                _site_loop(cfg, site, client, runner, splits, keys_dir, run_id, fp, kw)
+                return
+            except RemoteError as e:
+                # The server went away (it resumes from its checkpoint) or replaced our session: join again.
+                # OUT_OF_ORDER: this site was skipped (too slow) while it held a step; it starts over from the
+                # relayed state, so a half-done step never leaks into the next one.
+                if e.code not in _RECONNECT_CODES and e.error_code not in (pb.ERROR_CODE_UNKNOWN_SESSION,
+                                                                           pb.ERROR_CODE_OUT_OF_ORDER):
+                    raise
+                fabric.print(f"[{site_name(site)}] lost the server ({e}); reconnecting")
+                time.sleep(0.5)
+            finally:
+                if runner is not None:
+                    runner.close()
+    finally:
+        channel.close()
+
+
+_RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, splits: Any, keys_dir: Path,
+               run_id: str, fp: bytes, kw: dict) -> None:
+    from splitfl.train import RunError
+
+    if site >= len(runner.sites):
+        raise RunError(f"site {site} does not exist: the partition has {len(runner.sites)} sites")
+    relay = relay_needed(cfg)
+    if relay and not cfg.model.freeze_encoder and not runner.encoder_trainable:
+        raise RunError("model.freeze_encoder is false but the encoder has no trainable parameters")
+    sealer = RelaySealer(relay_key_material(keys_dir, runner.he), run_id, fp) if relay else None
+    my_version, sched_epochs = 0, 0
+    poll = int(kw.get("poll_ms", 2000))
+
+    def sync(version: int) -> None:
+        nonlocal my_version, sched_epochs
+        if not relay or version == my_version:
+            return
+        got, blob = client.download_relay()
+        if got != version and got < version:
+            raise ProtocolError(f"relay version {got} is older than announced {version}")
+        sched_epochs = _load_hospital_state(runner, sealer.open(blob, got))
+        my_version = got
+
+    epoch = 0
+    queue = list(runner._site_batches(site, epoch))
+    pos, loss_sum, samples, ended, fresh_epoch = 0, 0.0, 0, False, True
+    while True:
+        r = client.get_turn(epoch, len(queue) - pos, poll)
+        if r.state == pb.TURN_STATE_RUN_DONE:
+            return
+        if r.state == pb.TURN_STATE_EVALUATE:
+            sync(r.relay_version)
+            dataset = splits.val if r.eval_split == "val" else splits.test
+            client.report_eval(r.eval_id, runner.evaluate(dataset))
+            continue
+        if r.epoch != epoch and r.state == pb.TURN_STATE_WAIT and r.epoch > epoch:
+            epoch = int(r.epoch)
+            queue = list(runner._site_batches(site, epoch))
+            pos, loss_sum, samples, ended, fresh_epoch = 0, 0.0, 0, False, True
+            continue
+        if r.state == pb.TURN_STATE_YOURS:
+            sync(r.relay_version)
+            if fresh_epoch:
+                runner.split_model.train()
+                fresh_epoch = False
+            while runner.enc_sched is not None and sched_epochs < epoch:  # the in-process end-of-epoch step, lazily
+                with warnings.catch_warnings():  # a relayed optimizer has stepped, but this object has not
+                    warnings.simplefilter("ignore", UserWarning)
+                    runner.enc_sched.step()
+                sched_epochs += 1
+            client.begin_step(r.step)
+            index = queue[pos]
+            loss = runner._step(site, index)
+            pos += 1
+            loss_sum += loss * len(index)
+            samples += len(index)
+            if relay:
+                version = int(r.relay_version) + 1
+                client.upload_relay(r.step, version, sealer.seal(_hospital_state(runner, sched_epochs), version))
+                my_version = version
+            continue
+        if r.state == pb.TURN_STATE_EPOCH_DONE and not ended:
+            client.end_epoch_remote(epoch, loss_sum, samples)
+            ended = True
+            continue
+        time.sleep(min(r.retry_after_ms, 200) / 1000 if r.state == pb.TURN_STATE_WAIT else 0.05)
