@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from typing import Callable, Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from splitfl.compare import CompareError, build_compare_parser, cmd_compare
 from splitfl.config import RunConfig
@@ -59,6 +59,39 @@ def build_parser() -> ArgumentParser:
     certs.add_argument("--overwrite", type=bool, default=False, help="replace an existing PKI in --out")
     sub.add_subcommand("certs", certs, help="make development certificates and site tokens for mutual TLS")
 
+    serve = _run_parser("Run the coordinating server of a federation (fedavg/fedprox; split-* via splitfl.net.split_remote) over gRPC with mutual TLS; writes the same artefacts as `splitfl train`, and resumes from --out.")
+    serve.add_argument("--out", type=str, required=True, help="output folder (checkpoint.pt, metrics.json, ...); rerun with the same folder to resume")
+    serve.add_argument("--pki", type=str, required=True, help="PKI folder from `splitfl certs` (server certificate, site token hashes)")
+    serve.add_argument("--address", type=str, default="127.0.0.1:50051", help="host:port to listen on (port 0: any free port, written to OUT/server.json)")
+    serve.add_argument("--insecure", action=ActionYesNo, default=False, help="plaintext gRPC without TLS (development only; prints a warning)")
+    serve.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for the sampled sites' updates before dropping the late ones")
+    serve.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for every site to join before the first round")
+    serve.add_argument("--run-id", type=Optional[str], default=None, help="run id the sites must present (default: regime + config fingerprint)")
+    serve.add_argument("--public-context", type=Optional[str], default=None, help="fed.secure he: the consortium's PUBLIC context (default PKI/server/consortium.public)")
+    sub.add_subcommand("serve", serve, help="run a federation server over gRPC")
+
+    join = _run_parser("Run one hospital of a federation: join the server, train locally when sampled, submit updates.")
+    join.add_argument("--site", type=int, required=True, help="this hospital's index (certificate site-N)")
+    join.add_argument("--server", type=str, required=True, help="server host:port")
+    join.add_argument("--pki", type=str, required=True, help="PKI folder (or this site's sites/site-N folder) with ca.crt, client.crt, client.key, token")
+    join.add_argument("--out", type=str, required=True, help="this hospital's folder (its DP accountant and top-k state)")
+    join.add_argument("--insecure", action=ActionYesNo, default=False, help="plaintext gRPC without TLS (development only; prints a warning)")
+    join.add_argument("--run-id", type=Optional[str], default=None, help="the server's run id (default: regime + config fingerprint)")
+    join.add_argument("--keys", type=Optional[str], default=None, help="fed.secure he: the consortium's secret context (default PKI/consortium.secret)")
+    join.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to keep retrying while the server is unreachable")
+    sub.add_subcommand("join", join, help="run one hospital of a federation over gRPC")
+
+    keys = _run_parser("Make the consortium's CKKS keys for fed.secure he: PKI/consortium.secret for the hospitals (never the server) and PKI/server/consortium.public for the server.")
+    keys.add_argument("--pki", type=str, required=True, help="PKI folder from `splitfl certs`")
+    sub.add_subcommand("keys", keys, help="make the consortium's HE keys (secret for the sites, public for the server)")
+
+    simulate = _run_parser("Run a federation as real local processes: a dev PKI under OUT/pki, the server and one process per hospital on 127.0.0.1, logs under OUT/logs.")
+    simulate.add_argument("--out", type=str, required=True, help="folder for pki/, server/, sites/, logs/")
+    simulate.add_argument("--sites", type=Optional[int], default=None, help="number of hospitals (default data.partition.num_sites)")
+    simulate.add_argument("--insecure", action=ActionYesNo, default=False, help="plaintext gRPC without TLS (development only; prints a warning)")
+    simulate.add_argument("--round-timeout", type=float, default=120.0, help="seconds a round waits for late sites")
+    sub.add_subcommand("simulate", simulate, help="run server and hospitals as local processes over gRPC")
+
     data = ArgumentParser(description="Inspect datasets and site partitions.")
     sub.add_subcommand("data", data, help="inspect data and partitions")
     data_sub = data.add_subcommands(dest="action")
@@ -71,6 +104,36 @@ def cmd_train(ns: Namespace) -> None:
     from splitfl.train import run
 
     run(to_run_config(ns), ns.out)
+
+
+def cmd_serve(ns: Namespace) -> None:
+    from splitfl.net.launch import serve
+
+    serve(to_run_config(ns), ns.out, ns.pki, ns.address, ns.insecure, round_timeout=ns.round_timeout,
+          join_timeout=ns.join_timeout, run_id=ns.run_id, public_context=ns.public_context)
+
+
+def cmd_join(ns: Namespace) -> None:
+    from splitfl.net.launch import join
+
+    join(to_run_config(ns), ns.site, ns.server, ns.pki, ns.out, ns.insecure, run_id=ns.run_id, keys=ns["keys"],
+         connect_timeout=ns.connect_timeout)
+
+
+def cmd_keys(ns: Namespace) -> None:
+    from splitfl.net.launch import make_consortium_keys
+
+    cfg = to_run_config(ns)
+    secret, public = make_consortium_keys(ns.pki, cfg.fed.he_preset)
+    print(f"hospitals' secret context: {secret}  (copy to each hospital only; never to the server)")
+    print(f"server's public context:   {public}")
+
+
+def cmd_simulate(ns: Namespace) -> None:
+    from splitfl.net.launch import simulate
+
+    metrics = simulate(to_run_config(ns), ns.out, ns.sites, ns.insecure, round_timeout=ns.round_timeout)
+    print(f"simulate: test macro AUROC {metrics['test']['auroc_macro']:.4f}; server results in {ns.out}/server/metrics.json")
 
 
 def cmd_certs(ns: Namespace) -> None:
@@ -101,6 +164,10 @@ COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
     ("train",): cmd_train,
     ("compare",): cmd_compare,
     ("certs",): cmd_certs,
+    ("serve",): cmd_serve,
+    ("join",): cmd_join,
+    ("simulate",): cmd_simulate,
+    ("keys",): cmd_keys,
     ("data", "summary"): cmd_data_summary,
 }
 

@@ -411,21 +411,31 @@ def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
         f"device {fabric.device}"
     )
     result = REGIMES[cfg.regime](fabric, cfg, splits, out_dir)
+    return write_run_metrics(cfg, splits, result, t0, out_dir, fabric.print if fabric.is_global_zero else None)
+
+
+def write_run_metrics(
+    cfg: RunConfig, splits: DataSplits, result: dict[str, Any], t0: float, out_dir: Path, report: Any = print
+) -> dict[str, Any]:
+    """metrics.json and config.yaml for a finished run, the same for every regime and launcher.
+
+    Written together at the end (not config.yaml at the start), so a run refused for a changed
+    config leaves no stale pair. ``report`` None: another process writes them (not rank zero).
+    """
     metrics = {
         "regime": cfg.regime,
         "task": {"name": splits.task.name, "type": splits.task.task_type, "labels": list(splits.task.label_names)},
         "data": {"source": splits.source, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
         "model": {"name": cfg.model.name, "cut": cfg.model.cut, "freeze_encoder": cfg.model.freeze_encoder},
-        **result,
+        **{k: v for k, v in result.items() if k != "history"},
         "wall_seconds": time.perf_counter() - t0,
     }
-    if fabric.is_global_zero:
+    if report is not None:
         import yaml
 
-        # Written with the results (not at the start), so a run refused for a changed config leaves no stale pair.
-        write_text(out_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-        write_json(out_dir / "metrics.json", metrics)
-        fabric.print(f"test macro AUROC {metrics['test']['auroc_macro']:.4f}; results in {out_dir}/metrics.json")
+        write_text(Path(out_dir) / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        write_json(Path(out_dir) / "metrics.json", metrics)
+        report(f"test macro AUROC {metrics['test']['auroc_macro']:.4f}; results in {out_dir}/metrics.json")
     return metrics
 
 

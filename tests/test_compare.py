@@ -217,7 +217,10 @@ def test_default_variants_and_shipped_configs():
     for task, flag in (("xray", "pneumoniamnist"), ("retina", "retinamnist"), ("pathology", "pathmnist")):
         ns = parser.instantiate(parser.parse_args(["--config", str(repo / "configs" / task / "compare.yaml"), "--out", "o"]))
         cfg = CompareConfig(**{k: ns[k] for k in CompareConfig.__dataclass_fields__})
-        assert [v.name for v in cfg.variants] == seven
+        shipped = [v.name for v in cfg.variants]
+        assert [n for n in shipped if n in seven] == seven and shipped[3] == "fedavg-short"
+        short, dp = (variant_run_config(cfg, v) for v in cfg.variants[3:5])
+        assert (short.train.epochs, short.fed.local_epochs) == (dp.train.epochs, dp.fed.local_epochs) == (4, 1)
         rc = variant_run_config(cfg, cfg.variants[0])
         assert (rc.data.flag, rc.data.partition.scheme, rc.data.partition.num_sites, rc.model.name) == (flag, "dirichlet", 4, "resnet18")
         assert (rc.train.epochs, rc.train.batch_size, rc.train.scheduler, rc.fed.local_epochs) == (10, 128, "cosine", 2)

@@ -25,29 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric import Fabric
-from opacus.validators import ModuleValidator
 from tqdm.auto import tqdm
 
 from splitfl.config import RunConfig
 from splitfl.data import DataSplits, partition_dataset
 from splitfl.data.base import ArrayDataset
-from splitfl.fed.aggregate import Rejection, aggregate, check_update, norm_outliers
-from splitfl.fed.compress import TopKCompressor, decompress
+from splitfl.fed.aggregate import Rejection, check_update
+from splitfl.fed.compress import TopKCompressor
 from splitfl.fed.flat import FlatSpec
-from splitfl.fed.site import Site, _seed
+from splitfl.fed.server import FedServerCore, build_fed_model, vector_bytes, vector_from_bytes
+from splitfl.fed.site import Site, package_update
 from splitfl.metrics import TaskMetrics, make_loss
-from splitfl.models import build_split_model
-from splitfl.split.tensors import tensor_from_bytes, tensor_to_bytes
 
 SECRET_CONTEXT = "keys/consortium.secret"
 
 
-def _vector_bytes(values: np.ndarray) -> bytes:
-    return tensor_to_bytes(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
-
-
-def _vector_from_bytes(payload: bytes, what: str, size: int) -> np.ndarray:
-    return tensor_from_bytes(payload, what, (size,)).numpy()
+_vector_bytes = vector_bytes  # the old private names
+_vector_from_bytes = vector_from_bytes
 
 
 class FedRunner:
@@ -59,22 +53,11 @@ class FedRunner:
         self.fabric, self.cfg, self.task = fabric, cfg, splits.task
         fed = cfg.fed
         self._check_config()
-        model, report = build_split_model(cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size)
-        if report is not None:
-            fabric.print(str(report))
+        model = build_fed_model(cfg, splits.task.num_outputs, splits.task.n_channels, fabric.print)
         self.dp = fed.dp_noise_multiplier > 0 or fed.dp_target_epsilon is not None
-        if self.dp and fed.norm == "batchnorm":
-            raise RunError("fed.norm=batchnorm cannot be trained with DP-SGD (BatchNorm mixes samples); use fed.norm: groupnorm")
-        if fed.norm == "groupnorm":  # no running statistics to average; Opacus' per-sample gradients need it too
-            model = ModuleValidator.fix(model)
-        if self.dp:
-            errors = ModuleValidator.validate(model, strict=False)
-            if errors:
-                raise RunError(f"model {cfg.model.name} cannot be trained with Opacus DP-SGD: {errors[0]}")
         self.device = fabric.device
         self.model = model.to(self.device)
         self.spec = FlatSpec(self.model)
-        self.global_flat = self.spec.flatten(self.model)
         self.loss_fn = make_loss(splits.task)
         self.metrics = TaskMetrics(splits.task, device="cpu")
         self.train_set = splits.train
@@ -102,18 +85,29 @@ class FedRunner:
             # Key holders: the sites. The server gets the public context only (no secret, no evaluation keys needed).
             self.secret_ctx = consortium_secret_context(out_dir / SECRET_CONTEXT, fed.he_preset, "fed.he_preset")
             self.public_ctx = load_public_context(public_context_bytes(self.secret_ctx))
-            from splitfl.he.aggregation import capacity
-            from splitfl.he.keys import params_of
-
+        # The server: global model, validation, aggregation, books (shared with the gRPC server).
+        self.core = FedServerCore(
+            cfg,
+            self.spec.size,
+            self.spec.flatten(self.model),
+            [len(s) for s in self.sites],
+            he_mask=self.he_mask,
+            public_ctx=self.public_ctx,
+            log=fabric.print,
+        )
+        if fed.secure == "he":
             # The largest |update coordinate| every site may send so that the count-weighted sum of all sites
             # cannot overflow the ciphertexts: public (from the parameters and the public sample counts).
-            self.he_value_bound = capacity(params_of(self.secret_ctx)) / sum(len(s) for s in self.sites)
-        self.rejections: list[Rejection] = []
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.rounds_done = 0
+            self.he_value_bound = self.core.he_value_bound()
         self._extras: dict[str, Any] = {}
         self._epsilon_history: list[list[float]] = []
+
+    # The server's state, kept in the core (attributes for the tests and the old call sites).
+    global_flat = property(lambda self: self.core.global_flat, lambda self, v: setattr(self.core, "global_flat", v))
+    rejections = property(lambda self: self.core.rejections, lambda self, v: setattr(self.core, "rejections", v))
+    bytes_up = property(lambda self: self.core.bytes_up, lambda self, v: setattr(self.core, "bytes_up", v))
+    bytes_down = property(lambda self: self.core.bytes_down, lambda self, v: setattr(self.core, "bytes_down", v))
+    rounds_done = property(lambda self: self.core.rounds_done, lambda self, v: setattr(self.core, "rounds_done", v))
 
     # ------------------------------------------------------------------ configuration
 
@@ -151,29 +145,25 @@ class FedRunner:
     # ------------------------------------------------------------------ one round
 
     def _sample_sites(self, round_index: int) -> list[int]:
-        n = len(self.sites)
-        k = max(1, round(self.cfg.fed.client_fraction * n))
-        rng = np.random.default_rng(_seed(self.cfg.seed, round_index, 7))
-        return sorted(rng.choice(n, size=k, replace=False).tolist())
+        return self.core.sample_sites(round_index)
 
     def local_update(self, site: int, round_index: int, lr: float) -> tuple[np.ndarray, float]:
         """Site ``site`` trains on its own data from the global model; returns (update, loss)."""
         return self.sites[site].train(self.model, self.spec, self.global_flat, round_index, lr)
 
     def _reject(self, round_index: int, site: int, reason: str) -> None:
-        self.rejections.append(Rejection(round_index + 1, site, reason))
-        self.fabric.print(f"[{self.cfg.regime}] round {round_index + 1}: rejected site {site}: {reason}")
+        self.core.reject(round_index, site, reason)
 
     def train_epoch(self, epoch: int, desc: str) -> float:
         """One federated round: broadcast, local training, upload, validation, aggregation."""
         fed = self.cfg.fed
+        core = self.core
         lr = self._lr_holder.param_groups[0]["lr"]
         chosen = self._sample_sites(epoch)
         self._he_down = self._secagg_up = self._secagg_down = 0
         round_up = 0
         losses, counts = [], []
-        plain: dict[int, np.ndarray] = {}
-        enc_sum = self._new_encrypted_sum() if fed.secure == "he" else None
+        acc = core.begin_round(epoch, chosen)
         bar = tqdm(chosen, desc=desc, leave=False, disable=not (self.cfg.train.progress and self.fabric.is_global_zero))
         for site in bar:
             n_k = len(self.sites[site])
@@ -185,7 +175,7 @@ class FedRunner:
                 if problem:
                     self._reject(epoch, site, f"site-side check before masking: {problem}")
                 else:
-                    plain[site] = update
+                    acc.plain[site] = update
                 continue
             try:
                 payload, enc = self._package(site, update, n_k)
@@ -194,33 +184,21 @@ class FedRunner:
                 continue
             round_up += len(payload) + (len(enc) if enc is not None else 0)
             try:
-                received = self._receive(payload, site)
-                if enc_sum is not None:  # checked before its ciphertexts join the sum; a refused one leaves it as it was
-                    problem = check_update(received, received.shape[0])
-                    if problem:
-                        raise ValueError(f"plaintext part: {problem}")
-                    enc_sum.add(enc)
-                plain[site] = received
+                core.receive(acc, site, payload, enc)
             except ValueError as exc:  # HEError is a ValueError too
                 self._reject(epoch, site, str(exc))
-        accepted = self._screen(epoch, plain) if fed.secure != "masks" else sorted(plain)
+        accepted = core.screen(acc) if fed.secure != "masks" else sorted(acc.plain)
         if fed.secure == "masks":
-            aggregate_update = self._masked_sum(epoch, {s: plain[s] for s in accepted})
+            aggregate_update = self._masked_sum(epoch, {s: acc.plain[s] for s in accepted})
             round_up += self._secagg_up
         elif len(accepted) >= fed.min_sites:
-            aggregate_update = self._aggregate(accepted, plain, enc_sum)
+            aggregate_update = self._aggregate(accepted, acc)
         else:
             aggregate_update = None
-        if aggregate_update is not None and len(accepted) >= fed.min_sites:
-            self.global_flat = self.global_flat + fed.server_lr * aggregate_update
+        if core.apply(aggregate_update, accepted):
             self.spec.load_into(self.model, self.global_flat)
-        else:
-            self.fabric.print(
-                f"[{self.cfg.regime}] round {epoch + 1}: {len(accepted)} accepted update(s) < fed.min_sites={fed.min_sites}; "
-                "global model unchanged"
-            )
         # Download: the new global model to every chosen site (under HE, the encrypted aggregate instead).
-        down = self._he_down if self.cfg.fed.secure == "he" else len(_vector_bytes(self.global_flat))
+        down = self._he_down if self.cfg.fed.secure == "he" else len(vector_bytes(self.global_flat))
         self.bytes_down += down * len(chosen) + self._secagg_down
         self.bytes_up += round_up
         if self._lr_sched is not None:
@@ -243,75 +221,34 @@ class FedRunner:
 
     def _package(self, site: int, update: np.ndarray, n_k: int) -> tuple[bytes, bytes | None]:
         """What the site uploads: (plaintext part, encrypted part or None)."""
-        fed = self.cfg.fed
-        if fed.secure == "he":
-            from splitfl.he.aggregation import encrypt_update
-
-            mask = self.he_mask
-            if update.shape != mask.shape:  # the site's own software notices before encrypting
-                raise ValueError(f"update has shape {update.shape}, expected {mask.shape}")
-            enc = encrypt_update(self.secret_ctx, update[mask].astype(np.float64), float(n_k), value_bound=self.he_value_bound)
-            return _vector_bytes(update[~mask]), enc
-        if fed.secure == "none" and self.compressors is not None:
-            if update.shape != (self.spec.size,):
-                raise ValueError(f"update has shape {update.shape}, expected ({self.spec.size},)")
-            return self.compressors[site].compress(update), None
-        return _vector_bytes(update), None
+        return package_update(
+            self.cfg,
+            update,
+            n_k,
+            size=self.spec.size,
+            he_mask=self.he_mask,
+            secret_ctx=self.secret_ctx,
+            value_bound=getattr(self, "he_value_bound", None),
+            compressor=self.compressors[site] if self.compressors is not None else None,
+        )
 
     def _receive(self, payload: bytes, site: int) -> np.ndarray:
         """Server side: decode a site's plaintext payload (raises ValueError with the reason)."""
-        fed = self.cfg.fed
-        size = int((~self.he_mask).sum()) if fed.secure == "he" else self.spec.size
-        if fed.secure == "none" and self.compressors is not None:
-            return decompress(payload, size)
-        try:
-            return _vector_from_bytes(payload, f"site {site} update", size)
-        except Exception as exc:  # ProtocolError and friends: malformed bytes
-            raise ValueError(str(exc)) from exc
-
-    def _new_encrypted_sum(self) -> Any:
-        """The server's running sum of this round's encrypted updates (public context only)."""
-        from splitfl.he.aggregation import EncryptedSum
-
-        return EncryptedSum(self.public_ctx, int(self.he_mask.sum()))
-
-    def _screen(self, round_index: int, plain: dict[int, np.ndarray]) -> list[int]:
-        """Validate the plaintext parts; reject non-finite, mis-shaped and wildly scaled updates."""
-        size = int((~self.he_mask).sum()) if self.cfg.fed.secure == "he" else self.spec.size
-        ok: dict[int, np.ndarray] = {}
-        for site, update in plain.items():
-            problem = check_update(update, size)
-            if problem:
-                self._reject(round_index, site, problem)
-            else:
-                ok[site] = update
-        if self.cfg.fed.secure == "none":
-            norms = {s: float(np.linalg.norm(u)) for s, u in ok.items()}
-            for site, reason in norm_outliers(norms, self.cfg.fed.reject_norm_factor).items():
-                self._reject(round_index, site, reason)
-                ok.pop(site)
-        return sorted(ok)
+        return self.core.decode(payload, site)
 
     # ------------------------------------------------------------------ aggregation
 
-    def _aggregate(self, accepted: list[int], plain: dict[int, np.ndarray], enc_sum: Any) -> np.ndarray:
-        fed = self.cfg.fed
-        weights = [float(len(self.sites[s])) for s in accepted]
-        if fed.secure != "he":
-            return aggregate([plain[s] for s in accepted], weights, fed.aggregator, fed.trim_ratio)
+    def _aggregate(self, accepted: list[int], acc: Any) -> np.ndarray:
+        out, summed = self.core.aggregate(acc, accepted)
+        if summed is None:
+            return out
         from splitfl.he.aggregation import decrypt_aggregate
 
         mask = self.he_mask
-        out = np.empty(self.spec.size, dtype=np.float32)
-        if (~mask).any():
-            out[~mask] = aggregate([plain[s] for s in accepted], weights, "mean")
-        summed = enc_sum.to_bytes()  # the server's aggregate ciphertexts, sent to the key holders
         mean, total = decrypt_aggregate(self.secret_ctx, summed, int(mask.sum()))  # a key holder
-        if not math.isclose(total, sum(weights)):
-            raise RuntimeError(f"encrypted aggregate counts {total} samples, expected {sum(weights)}")
-        out[mask] = mean
+        out = self.core.complete_he(acc, accepted, out, mean, total)
         # Sites get the encrypted sum (and the plaintext part's mean) back instead of the model.
-        self._he_down = len(summed) + (len(_vector_bytes(out[~mask])) if (~mask).any() else 0)
+        self._he_down = len(summed) + (len(vector_bytes(out[~mask])) if (~mask).any() else 0)
         return out
 
     def _masked_sum(self, round_index: int, updates: dict[int, np.ndarray]) -> np.ndarray | None:
@@ -382,31 +319,7 @@ class FedRunner:
 
     def result_extras(self) -> dict[str, Any]:
         fed = self.cfg.fed
-        rounds = max(self.rounds_done, 1)
-        out: dict[str, Any] = {
-            "protocol": {
-                "regime": self.cfg.regime,
-                "sites": len(self.sites),
-                "site_sizes": [len(s) for s in self.sites],
-                "local_epochs": fed.local_epochs,
-                "client_fraction": fed.client_fraction,
-                "aggregator": fed.aggregator,
-                "secure": fed.secure,
-                "he_preset": fed.he_preset if fed.secure == "he" else None,
-                "he_encrypted_fraction": float(self.he_mask.mean()) if self.he_mask is not None else None,
-                "topk_fraction": fed.topk_fraction,
-                "server_has_secret_key": bool(self.public_ctx.is_private()) if self.public_ctx is not None else None,
-                "norm": "GroupNorm in place of BatchNorm (opacus ModuleValidator.fix)" if fed.norm == "groupnorm" else "BatchNorm",
-            },
-            "wire": {
-                "train_bytes_up": self.bytes_up,
-                "train_bytes_down": self.bytes_down,
-                "bytes_per_round": (self.bytes_up + self.bytes_down) / rounds,
-                "bytes_up_per_round": self.bytes_up / rounds,
-                "bytes_down_per_round": self.bytes_down / rounds,
-            },
-            "rejections": [r.__dict__ for r in self.rejections],
-        }
+        out = self.core.summary(len(self.sites))
         if self.dp:
             per_site = [s.epsilon() for s in self.sites]
             out["privacy"] = {

@@ -137,3 +137,48 @@ class Site:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
+
+
+def package_update(
+    cfg: RunConfig,
+    update: np.ndarray,
+    n_k: int,
+    *,
+    size: int,
+    he_mask: np.ndarray | None = None,
+    secret_ctx: Any = None,
+    value_bound: float | None = None,
+    compressor: Any = None,
+) -> tuple[bytes, bytes | None]:
+    """What a site uploads for ``update``: (plaintext part, encrypted part or None).
+
+    * ``fed.secure: he``: the coordinates in ``he_mask``, times ``n_k``, as CKKS
+      ciphertexts under the consortium key (``secret_ctx``, a key holder's), the
+      rest as float32 bytes;
+    * top-k (``compressor``): indices and values with error feedback;
+    * otherwise the dense float32 update.
+
+    Raises ValueError/RuntimeError when the site's own software refuses to send
+    it (wrong shape; non-finite values under HE). Used by the in-process runner
+    and by the remote site alike.
+    """
+    from splitfl.split.tensors import tensor_to_bytes
+
+    def as_bytes(values: np.ndarray) -> bytes:
+        return tensor_to_bytes(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
+
+    fed = cfg.fed
+    if fed.secure == "he":
+        from splitfl.he.aggregation import encrypt_update
+
+        if he_mask is None or secret_ctx is None:
+            raise ValueError("fed.secure: he needs the encrypted-coordinate mask and the consortium's secret context")
+        if update.shape != he_mask.shape:  # the site's own software notices before encrypting
+            raise ValueError(f"update has shape {update.shape}, expected {he_mask.shape}")
+        enc = encrypt_update(secret_ctx, update[he_mask].astype(np.float64), float(n_k), value_bound=value_bound)
+        return as_bytes(update[~he_mask]), enc
+    if fed.secure == "none" and compressor is not None:
+        if update.shape != (size,):
+            raise ValueError(f"update has shape {update.shape}, expected ({size},)")
+        return compressor.compress(update), None
+    return as_bytes(update), None

@@ -906,13 +906,11 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
     server's folder (tokens.json, server certificate); never the consortium secret. Rerun on the same
     ``out_dir`` to resume from the checkpoint; the hospitals reconnect by themselves.
     """
-    import yaml
 
-    from splitfl.artifacts import write_json, write_text
     from splitfl.data import load_splits
     from splitfl.models import build_split_model
     from splitfl.plots import plot_learning_curves
-    from splitfl.train import RunError, config_dict, fit, make_fabric, make_optimizer, make_scheduler
+    from splitfl.train import RunError, fit, make_fabric, make_optimizer, make_scheduler, write_run_metrics
 
     if cfg.regime not in ("split-plain", "split-he"):
         raise RunError(f"run_split_server serves split-plain / split-he, not {cfg.regime!r}")
@@ -959,16 +957,7 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
         # resume from its checkpoint (rerun with the same out_dir).
         server.stop(grace=1.0).wait()
     plot_learning_curves({cfg.regime: result["history"]}, out_dir / "learning_curves.png", f"{cfg.regime} (gRPC)")
-    metrics = {
-        "regime": cfg.regime,
-        "task": {"name": splits.task.name, "type": splits.task.task_type, "labels": list(splits.task.label_names)},
-        "data": {"source": splits.source, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
-        "model": {"name": cfg.model.name, "cut": cfg.model.cut, "freeze_encoder": cfg.model.freeze_encoder},
-        **{k: v for k, v in result.items() if k != "history"},
-        "wall_seconds": time.perf_counter() - t0,
-    }
-    write_text(out_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    write_json(out_dir / "metrics.json", metrics)
+    metrics = write_run_metrics(cfg, splits, result, t0, out_dir, print)
     return metrics
 
 
