@@ -48,9 +48,9 @@ def _run_error(msg: str) -> Exception:
 
 def _split_remote(name: str) -> Callable[..., Any]:
     """The split-learning entry point of that name (split-plain / split-he over gRPC)."""
-    import splitfl.net.split_remote as mod
+    import importlib
 
-    return getattr(mod, name)
+    return getattr(importlib.import_module("splitfl.net.split_remote"), name)
 
 
 def make_consortium_keys(pki_dir: str | Path, preset: str) -> tuple[Path, Path]:
