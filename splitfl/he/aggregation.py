@@ -68,7 +68,6 @@ but is not a proof; where the server must see the new model, add noise
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 import threading
@@ -82,7 +81,7 @@ import tenseal.sealapi as sa
 
 from .keys import SealEngine, engine_for
 from .params import CKKSParams, HEError, check_depth
-from .wire import _check_seal_header
+from .wire import _check_seal_header, pack_frame, read_frame
 
 __all__ = [
     "AGGREGATION_PRESET",
@@ -178,13 +177,8 @@ class PayloadInfo:
 
 def _pack(eng: SealEngine, kind: str, length: int, count: float, bound: float, n_sites: int, cts: list[bytes]) -> bytes:
     fp = bytes.fromhex(eng.fingerprint.split(":", 1)[-1])
-    head = _HEAD.pack(
-        MAGIC, FORMAT_VERSION, _KIND_CODE[kind], 0, fp, length, float(count), float(bound), n_sites, len(cts)
-    ) + struct.pack(f"<{len(cts)}I", *(len(c) for c in cts))
-    digest = hashlib.sha256(head)
-    for c in cts:
-        digest.update(c)
-    return b"".join([head, digest.digest(), *cts])
+    fields = (MAGIC, FORMAT_VERSION, _KIND_CODE[kind], 0, fp, length, float(count), float(bound), n_sites)
+    return pack_frame(_HEAD, fields, cts)
 
 
 def _parse(eng: SealEngine, data: object, length: int, kind: str, what: str) -> tuple[PayloadInfo, list[memoryview]]:
@@ -195,36 +189,9 @@ def _parse(eng: SealEngine, data: object, length: int, kind: str, what: str) -> 
     parameters), kind, vector length, ciphertext count, count, bound, sites,
     and each ciphertext's SEAL header.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise HEError(f"{what}: expected bytes, got {type(data).__name__}.")
-    data = bytes(data)
-    if len(data) < _HEAD.size + _DIGEST:
-        raise HEError(f"{what} truncated: {len(data)} bytes, the header alone needs {_HEAD.size + _DIGEST}.")
-    magic, version, kind_code, reserved, fp, n_values, count, bound, n_sites, n = _HEAD.unpack_from(data, 0)
-    if magic != MAGIC:
-        raise HEError(f"{what} is not a splitfl encrypted update/aggregate: magic {magic!r}, expected {MAGIC!r}.")
-    if version != FORMAT_VERSION:
-        raise HEError(
-            f"{what} has format version {version}; this splitfl reads version {FORMAT_VERSION}. "
-            "Update the sites and the server to the same splitfl release."
-        )
-    if n > _MAX_CIPHERTEXTS:
-        raise HEError(f"{what} declares {n} ciphertexts (more than {_MAX_CIPHERTEXTS}); refusing.")
-    lengths_end = _HEAD.size + 4 * n
-    if len(data) < lengths_end + _DIGEST:
-        raise HEError(f"{what} truncated inside its header ({len(data)} bytes, {n} ciphertexts declared).")
-    sizes = struct.unpack_from(f"<{n}I", data, _HEAD.size)
-    body_start = lengths_end + _DIGEST
-    if len(data) - body_start != sum(sizes):
-        state = "truncated" if len(data) - body_start < sum(sizes) else "has trailing bytes"
-        raise HEError(
-            f"{what} {state}: its header declares {sum(sizes)} ciphertext bytes, {len(data) - body_start} arrived."
-        )
-    digest = hashlib.sha256(memoryview(data)[:lengths_end])
-    digest.update(memoryview(data)[body_start:])
-    if digest.digest() != data[lengths_end:body_start]:
-        raise HEError(f"{what}: checksum mismatch, the bytes were corrupted or tampered with in transit.")
-
+    frame = read_frame(data, _HEAD, MAGIC, FORMAT_VERSION, _MAX_CIPHERTEXTS, what,
+                       "a splitfl encrypted update/aggregate")
+    _, _, kind_code, reserved, fp, n_values, count, bound, n_sites, n = frame.fields
     theirs = "sha256:" + fp.hex()
     if theirs != eng.fingerprint:
         raise HEError(
@@ -261,18 +228,11 @@ def _parse(eng: SealEngine, data: object, length: int, kind: str, what: str) -> 
     if n_sites < 1 or (kind == "update" and n_sites != 1):
         raise HEError(f"{what} declares {n_sites} contributing sites; an {kind} needs {'1' if kind == 'update' else '>= 1'}.")
 
-    blobs = []
-    body = memoryview(data)
-    offset = body_start
-    for i, size in enumerate(sizes):
-        blob = body[offset : offset + size]
-        offset += size
+    for i, blob in enumerate(frame.blobs):
         _check_seal_header(blob, f"ciphertext #{i} of {what}")
-        blobs.append(blob)
-    info = PayloadInfo(
-        got_kind, int(n_values), float(count), float(bound), int(n_sites), int(n), len(data), digest.hexdigest()
-    )
-    return info, blobs
+    info = PayloadInfo(got_kind, int(n_values), float(count), float(bound), int(n_sites), int(n), frame.nbytes,
+                       frame.digest)
+    return info, frame.blobs
 
 
 def _load(eng: SealEngine, blob: memoryview, what: str) -> sa.Ciphertext:

@@ -22,7 +22,7 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import tenseal as ts
 
@@ -42,6 +42,72 @@ _MAX_CIPHERTEXTS = 1 << 16
 # SEAL serialisation header: magic 0xA15E, header size 16, version, compression, reserved, total size u64.
 _SEAL_HEADER = struct.Struct("<HBBBBHQ")
 _SEAL_MAGIC = 0xA15E
+
+
+# ----------------------------------------------------------------------------- frames
+# Both encrypted payload formats (this module's batches, he.aggregation's updates) share one frame:
+# a fixed header ending in the ciphertext count n, n u32 lengths, a SHA-256 over header and body, the body.
+
+
+def pack_frame(head: struct.Struct, fields: tuple, blobs: Sequence[bytes]) -> bytes:
+    """``head`` packed from ``fields`` + (n,), the n blob lengths, the digest, then the blobs."""
+    header = head.pack(*fields, len(blobs)) + struct.pack(f"<{len(blobs)}I", *(len(b) for b in blobs))
+    digest = hashlib.sha256(header)
+    for b in blobs:
+        digest.update(b)
+    return b"".join([header, digest.digest(), *blobs])
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A frame whose structure and checksum were verified: header fields (n last) and blob views."""
+
+    fields: tuple
+    blobs: list[memoryview]
+    digest: str  # hex SHA-256 the frame carries
+    nbytes: int
+
+
+def read_frame(data: object, head: struct.Struct, magic: bytes, version: int, max_blobs: int, what: str,
+               noun: str) -> Frame:
+    """Check size, magic, version, declared lengths (truncation, trailing bytes) and SHA-256; HEError naming ``what``.
+
+    ``noun`` says what the magic announces (for the error text). The first two header fields must be the magic and
+    the format version and the last the blob count. Nothing in the blobs is interpreted here.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise HEError(f"{what}: expected bytes, got {type(data).__name__}.")
+    data = bytes(data)
+    if len(data) < head.size + _DIGEST:
+        raise HEError(f"{what} truncated: {len(data)} bytes, the header alone needs {head.size + _DIGEST}.")
+    fields = head.unpack_from(data, 0)
+    if fields[0] != magic:
+        raise HEError(f"{what} is not {noun}: magic {fields[0]!r}, expected {magic!r}.")
+    if fields[1] != version:
+        raise HEError(
+            f"{what} has format version {fields[1]}; this splitfl reads version {version}. "
+            "Update the senders and the receiver to the same splitfl release."
+        )
+    n = fields[-1]
+    if n > max_blobs:
+        raise HEError(f"{what} declares {n} ciphertexts (more than {max_blobs}); refusing.")
+    lengths_end = head.size + 4 * n
+    if len(data) < lengths_end + _DIGEST:
+        raise HEError(f"{what} truncated inside its header ({len(data)} bytes, {n} ciphertexts declared).")
+    sizes = struct.unpack_from(f"<{n}I", data, head.size)
+    body_start = lengths_end + _DIGEST
+    if len(data) - body_start != sum(sizes):
+        state = "truncated" if len(data) - body_start < sum(sizes) else "has trailing bytes"
+        raise HEError(f"{what} {state}: its header declares {sum(sizes)} ciphertext bytes, {len(data) - body_start} arrived.")
+    digest = hashlib.sha256(memoryview(data)[:lengths_end])
+    digest.update(memoryview(data)[body_start:])
+    if digest.digest() != data[lengths_end:body_start]:
+        raise HEError(f"{what}: checksum mismatch, the bytes were corrupted or tampered with in transit.")
+    blobs, offset, view = [], body_start, memoryview(data)
+    for size in sizes:
+        blobs.append(view[offset : offset + size])
+        offset += size
+    return Frame(fields, blobs, digest.hexdigest(), len(data))
 
 
 @dataclass
@@ -75,25 +141,10 @@ class EncryptedBatch:
 
     def to_bytes(self) -> bytes:
         fp = bytes.fromhex(self.fingerprint.split(":", 1)[-1])
-        head = _HEAD.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            _KIND_CODE[self.kind],
-            0,
-            fp,
-            self.batch,
-            self.dim,
-            self.layout.in_features,
-            self.layout.num_classes,
-            self.layout.batch_size,
-            self.layout.slots,
-            float(self.value_bound),
-            len(self.payloads),
-        ) + struct.pack(f"<{len(self.payloads)}I", *(len(p) for p in self.payloads))
-        digest = hashlib.sha256(head)
-        for p in self.payloads:
-            digest.update(p)
-        return b"".join([head, digest.digest(), *self.payloads])
+        lay = self.layout
+        fields = (MAGIC, FORMAT_VERSION, _KIND_CODE[self.kind], 0, fp, self.batch, self.dim,
+                  lay.in_features, lay.num_classes, lay.batch_size, lay.slots, float(self.value_bound))
+        return pack_frame(_HEAD, fields, self.payloads)
 
     @classmethod
     def from_bytes(
@@ -115,39 +166,9 @@ class EncryptedBatch:
         head loads them). Pure: nothing is
         computed or cached, so a rejected message leaves no trace.
         """
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise HEError(f"EncryptedBatch.from_bytes: expected bytes, got {type(data).__name__}.")
-        data = bytes(data)
-        if len(data) < _HEAD.size + _DIGEST:
-            raise HEError(
-                f"Encrypted message truncated: {len(data)} bytes, the header alone needs {_HEAD.size + _DIGEST}."
-            )
-        (magic, version, kind_code, _, fp, batch, dim, d, k, bs, slots, bound, n) = _HEAD.unpack_from(data, 0)
-        if magic != MAGIC:
-            raise HEError(f"Not a splitfl encrypted batch: magic {magic!r}, expected {MAGIC!r}.")
-        if version != FORMAT_VERSION:
-            raise HEError(
-                f"Encrypted batch format version {version}; this splitfl reads version {FORMAT_VERSION}. "
-                "Update both sides to the same splitfl release."
-            )
-        if n > _MAX_CIPHERTEXTS:
-            raise HEError(f"Encrypted batch declares {n} ciphertexts (more than {_MAX_CIPHERTEXTS}); refusing.")
-        lengths_end = _HEAD.size + 4 * n
-        if len(data) < lengths_end + _DIGEST:
-            raise HEError(f"Encrypted message truncated inside its header ({len(data)} bytes, {n} ciphertexts).")
-        lengths = struct.unpack_from(f"<{n}I", data, _HEAD.size)
-        body_start = lengths_end + _DIGEST
-        if len(data) - body_start != sum(lengths):
-            what = "truncated" if len(data) - body_start < sum(lengths) else "has trailing bytes"
-            raise HEError(
-                f"Encrypted message {what}: its header declares {sum(lengths)} ciphertext bytes, "
-                f"{len(data) - body_start} arrived."
-            )
-        digest = hashlib.sha256(memoryview(data)[:lengths_end])
-        digest.update(memoryview(data)[body_start:])
-        if digest.digest() != data[lengths_end:body_start]:
-            raise HEError("Encrypted message checksum mismatch: the bytes were corrupted or tampered with in transit.")
-
+        frame = read_frame(data, _HEAD, MAGIC, FORMAT_VERSION, _MAX_CIPHERTEXTS, "Encrypted batch",
+                           "a splitfl encrypted batch")
+        (_, _, kind_code, _, fp, batch, dim, d, k, bs, slots, bound, n) = frame.fields
         mine = context_fingerprint(ctx)
         theirs = "sha256:" + fp.hex()
         if theirs != mine:
@@ -170,10 +191,8 @@ class EncryptedBatch:
         check_message_shape(layout, kind, batch, dim, n, ctx)
 
         payloads = []
-        offset = body_start
-        for i, size in enumerate(lengths):
-            payload = data[offset : offset + size]
-            offset += size
+        for i, blob in enumerate(frame.blobs):
+            payload = bytes(blob)
             _check_seal_header(payload, f"ciphertext #{i} of the {kind} batch")
             payloads.append(payload)
         return cls(kind, batch, dim, layout, payloads, bound, mine, ctx)
