@@ -300,6 +300,10 @@ class Coordinator:
         self.relay_blob = b""
         self.done_seen: set[int] = set()
         self.log: list[tuple[int, int]] = []  # (epoch, site) of every granted step, for tests and logs
+        # Per-step timings (the server's view, unix seconds): granted, closed (None: still open or timed out),
+        # outcome, server_s (the head's compute in the step); run_split_server writes them to <out>/steps.csv
+        # (read by bench/split_load.py).
+        self.step_times: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- called by handlers (under self.cond)
 
@@ -314,6 +318,7 @@ class Coordinator:
 
     def close_step(self, site: int) -> None:
         self.counts[site] = max(0, self.counts.get(site, 0) - 1)
+        self._time_step("closed")
         self.open_step = None
         self.cond.notify_all()
 
@@ -365,6 +370,16 @@ class Coordinator:
 
     # ---------------------------------------------------------------- called by the server's runner
 
+    def server_time(self, seconds: float) -> None:
+        """The head's compute in the open step (forward / backward / update), for steps.csv's server_s."""
+        with self.cond:
+            if self.step_times and self.step_times[-1]["outcome"] == "open":
+                self.step_times[-1]["server_s"] += seconds
+
+    def _time_step(self, outcome: str) -> None:
+        if self.step_times and self.step_times[-1]["outcome"] == "open":
+            self.step_times[-1].update(closed=time.time(), outcome=outcome)
+
     def _stale(self, site: int, timeout: float) -> bool:
         return time.monotonic() - self.last_seen.get(site, 0.0) > timeout
 
@@ -388,12 +403,15 @@ class Coordinator:
                     self.next_step += 1
                     self.last_site = nxt
                     self.log.append((epoch, nxt))
+                    self.step_times.append({"epoch": epoch, "step": self.open_step[0], "site": nxt,
+                                            "granted": time.time(), "closed": None, "outcome": "open", "server_s": 0.0})
                     self.last_seen.setdefault(nxt, time.monotonic())
                     self.cond.notify_all()
                 else:
                     holder = self.open_step[1]
                     if self._stale(holder, self.turn_timeout_s):
                         self.skipped.add(holder)  # gone: the rest of the epoch goes on without it
+                        self._time_step("timeout")
                         self.open_step = None
                         continue
                     self.cond.wait(0.2)
@@ -660,8 +678,10 @@ class SplitServicer(pbg.SplitServiceServicer):
             if call.train:
                 with self.coord.cond:
                     self.coord.require_step(site, call.step)
+            t = time.perf_counter()
             reply = self._run(lambda: srv.forward(payload, train=call.train, layer=call.layer))
             if call.train:
+                self.coord.server_time(time.perf_counter() - t)
                 self.bytes_up += len(payload)
                 self.bytes_down += len(reply)
         yield from self._reply(pb.ForwardResponse, first.header.sequence, reply)
@@ -679,7 +699,9 @@ class SplitServicer(pbg.SplitServiceServicer):
             srv = self._need_server()
             with self.coord.cond:
                 self.coord.require_step(site, call.step)
+            t = time.perf_counter()
             reply = self._run(lambda: srv.backward(payload, layer=call.layer))
+            self.coord.server_time(time.perf_counter() - t)
             self.bytes_up += len(payload)
             self.bytes_down += len(reply)
             if self.coord.close_on == "backward":
@@ -711,7 +733,9 @@ class SplitServicer(pbg.SplitServiceServicer):
             srv = self._need_server()
             with self.coord.cond:
                 self.coord.require_step(site, call.step)
+            t = time.perf_counter()
             self._run(lambda: srv.apply_update(payload))
+            self.coord.server_time(time.perf_counter() - t)
             self.bytes_up += len(payload)
             if self.coord.close_on == "update":
                 with self.coord.cond:
@@ -953,6 +977,12 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
         result = fit(fabric, runner, cfg, splits, out_dir, f"{cfg.regime} server")
         coord.finish(_kw(kw, "finish_grace_s", "finish_grace", 10.0))  # tells the hospitals the run is over
     finally:
+        from splitfl.artifacts import write_csv
+
+        with coord.cond:
+            steps = [dict(r) for r in coord.step_times]
+        if steps:  # this process's steps (a resumed server writes only its own)
+            write_csv(out_dir / "steps.csv", steps)
         # On a crash the hospitals are NOT told the run is over: they wait for the server to come back and
         # resume from its checkpoint (rerun with the same out_dir).
         server.stop(grace=1.0).wait()
