@@ -121,6 +121,9 @@ class FedConfig:
     """
 
     local_epochs: int = 1
+    # At most this many optimizer steps per site per round (None: whole local epochs). 1 with plain SGD is FedSGD:
+    # the update is -lr x one batch's gradient, the setting of the gradient-inversion literature (attacks/).
+    local_steps: Optional[int] = None
     # Normalisation layers of the federated model. BatchNorm's running statistics break under label skew
     # (Hsieh et al. 2020, "The Non-IID Data Quagmire"); GroupNorm has none, and DP-SGD requires it anyway.
     norm: Literal["batchnorm", "groupnorm"] = "groupnorm"

@@ -315,3 +315,33 @@ def test_bad_federation_configs_are_refused(tmp_path, overrides, match):
         setattr(cfg.fed, k, v)
     with pytest.raises(RunError, match=match):
         run(cfg, tmp_path)
+
+
+def test_local_steps_one_with_plain_sgd_is_fedsgd(tmp_path):
+    """fed.local_steps: 1 with SGD (no momentum) sends -lr x the gradient of the round's first batch."""
+    from torch.utils.data import DataLoader
+
+    from splitfl.fed.site import _seed
+
+    cfg = fed_config()
+    cfg.fed.local_steps = 1
+    cfg.train.optimizer, cfg.train.momentum, cfg.train.lr, cfg.train.batch_size = "sgd", 0.0, 0.1, 4
+    runner = make_runner(cfg, tmp_path)
+    site = runner.sites[0]
+    assert site.steps_per_round == 1
+    update, _ = runner.local_update(0, 0, cfg.train.lr)
+
+    model = copy.deepcopy(runner.model)
+    model.train()
+    loader = DataLoader(site.dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(_seed(cfg.seed, 0, 0)))
+    images, targets = next(iter(loader))
+    model.zero_grad()
+    site.loss_fn(model(images), targets).backward()
+    grad = np.concatenate([p.grad.detach().reshape(-1).numpy() if p.grad is not None else np.zeros(p.numel(), np.float32)
+                           for p in model.parameters()])
+    assert runner.spec.size == grad.size  # the flat vector is the parameters only (GroupNorm: no buffers)
+    np.testing.assert_allclose(update, -cfg.train.lr * grad, atol=1e-6)
+
+    cfg.fed.local_steps = 0
+    with pytest.raises(RunError, match="local_steps"):
+        make_runner(cfg, tmp_path / "bad")

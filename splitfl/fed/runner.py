@@ -117,6 +117,8 @@ class FedRunner:
         fed, n = self.cfg.fed, self.cfg.data.partition.num_sites
         if fed.local_epochs < 1:
             raise RunError(f"fed.local_epochs={fed.local_epochs} must be at least 1")
+        if fed.local_steps is not None and fed.local_steps < 1:
+            raise RunError(f"fed.local_steps={fed.local_steps} must be at least 1 (or null for whole local epochs)")
         if not 0 < fed.client_fraction <= 1:
             raise RunError(f"fed.client_fraction={fed.client_fraction} must be in (0, 1]")
         if not 1 <= fed.min_sites <= n:

@@ -128,6 +128,7 @@ class FedServerCore:
                 "sites": num_sites,
                 "site_sizes": list(self.site_sizes) if self.site_sizes is not None else None,
                 "local_epochs": fed.local_epochs,
+                "local_steps": fed.local_steps,
                 "client_fraction": fed.client_fraction,
                 "aggregator": fed.aggregator,
                 "secure": fed.secure,

@@ -45,7 +45,7 @@ class Site:
         self.noise_multiplier = fed.dp_noise_multiplier
         if self.dp and fed.dp_target_epsilon is not None:
             # Noise for the whole run, assuming the site takes part in every round (conservative when sampled).
-            steps = cfg.train.epochs * fed.local_epochs * self.batches_per_epoch
+            steps = cfg.train.epochs * self.steps_per_round
             self.noise_multiplier = get_noise_multiplier(
                 target_epsilon=fed.dp_target_epsilon,
                 target_delta=fed.dp_delta,
@@ -60,6 +60,12 @@ class Site:
     @property
     def batches_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.dataset) / self.cfg.train.batch_size))
+
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps per round: fed.local_epochs epochs, capped at fed.local_steps."""
+        steps = self.cfg.fed.local_epochs * self.batches_per_epoch
+        return steps if self.cfg.fed.local_steps is None else min(steps, self.cfg.fed.local_steps)
 
     @property
     def sample_rate(self) -> float:
@@ -99,9 +105,12 @@ class Site:
                 grad_sample_mode="ew",
             )
         anchor = [p.detach().clone() for p in local.parameters()] if self.cfg.regime == "fedprox" else None
-        total, count = 0.0, 0
+        total, count, steps = 0.0, 0, 0
         for _ in range(self.cfg.fed.local_epochs):
             for images, targets in loader:
+                if steps >= self.steps_per_round:
+                    break
+                steps += 1  # an empty Poisson batch is a step too (the accountant counts it)
                 if len(targets) == 0:  # Poisson sampling can draw an empty batch
                     continue
                 images, targets = images.to(self.device), targets.to(self.device)
