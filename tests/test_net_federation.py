@@ -2,14 +2,8 @@
 protocol checks), compared with the in-process federation."""
 from __future__ import annotations
 
-import csv
-import json
 import os
-import signal
-import subprocess
 import threading
-import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,7 +13,11 @@ import torch
 from splitfl.net import PROTOCOL_VERSION, split_payload
 from splitfl.net.proto import splitfl_pb2 as pb
 from splitfl.net.proto import splitfl_pb2_grpc as pb_grpc
-from tests.test_train import tiny_config
+from net_harness import Federation
+from net_harness import history as _history
+from net_harness import kill as _kill
+from net_harness import wait_for as _wait_for
+from test_train import tiny_config
 
 
 def net_config(secure: str = "none", epochs: int = 2):
@@ -40,69 +38,6 @@ def in_process(tmp_path_factory):
 
     torch.set_num_threads(2)
     return run(net_config(), tmp_path_factory.mktemp("inproc"))
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def _history(out: Path) -> list[dict[str, str]]:
-    path = out / "history.csv"
-    return list(csv.DictReader(path.open())) if path.exists() else []
-
-
-def _wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _kill(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-
-
-class Federation:
-    """Server and site processes started with splitfl.net.launch's commands (what `splitfl simulate` runs)."""
-
-    def __init__(self, cfg, root: Path, round_timeout: float = 60.0) -> None:
-        from splitfl.net.launch import free_port, prepare
-
-        self.cfg, self.root, self.round_timeout = cfg, root, round_timeout
-        self.pki, self.config = prepare(cfg, root, cfg.data.partition.num_sites)
-        self.address = f"127.0.0.1:{free_port()}"
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start_server(self) -> None:
-        from splitfl.net.launch import server_command, start
-
-        cmd = server_command(self.config, self.root / "server", self.pki, self.address, False, self.round_timeout)
-        self.procs["server"] = start(cmd, self.root / "logs" / "server.log")
-
-    def start_site(self, i: int) -> None:
-        from splitfl.net.launch import site_command, start
-
-        cmd = site_command(self.config, i, self.address, self.pki, self.root / "sites" / f"site-{i}", False)
-        self.procs[f"site-{i}"] = start(cmd, self.root / "logs" / f"site-{i}.log")
-
-    def log(self, name: str) -> str:
-        path = self.root / "logs" / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def wait_server(self, timeout: float = 240) -> dict:
-        try:
-            self.procs["server"].wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("server did not finish:\n" + self.log("server")[-3000:]) from None
-        assert self.procs["server"].returncode == 0, self.log("server")[-3000:]
-        return json.loads((self.root / "server" / "metrics.json").read_text())
-
-    def close(self) -> None:
-        for p in self.procs.values():
-            _kill(p)
 
 
 @pytest.mark.slow

@@ -1296,6 +1296,7 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
                 with _BUILD_LOCK:
                     fabric.seed_everything(cfg.seed, verbose=False)
                     runner = SplitRunner(fabric, site_cfg, splits, run_dir, server_factory=client.bind)
+                fabric.print(f"[{site_name(site)}] joined run {run_id} at {server}")
                 _site_loop(cfg, site, client, runner, splits, keys_dir, run_id, fp, kw)
                 return
             except RemoteError as e:
@@ -1317,8 +1318,21 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
 _RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
+POSITION_FILE = "split_position.json"
+
+
+def _read_position(path: Path, run_id: str) -> Optional[dict]:
+    """The hospital's place in the epoch after its last closed step (written by :func:`_site_loop`), if of this run."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("run_id") == run_id else None
+
+
 def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, splits: Any, keys_dir: Path,
                run_id: str, fp: bytes, kw: dict) -> None:
+    from splitfl.artifacts import write_json
     from splitfl.train import RunError
 
     if site >= len(runner.sites):
@@ -1329,6 +1343,8 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
     sealer = RelaySealer(relay_key_material(keys_dir, runner.he), run_id, fp) if relay else None
     my_version, sched_epochs = 0, 0
     poll = int(kw.get("poll_ms", 2000))
+    position_file = keys_dir.parent / POSITION_FILE  # <out>/split_position.json
+    saved = _read_position(position_file, run_id)
 
     def sync(version: int) -> None:
         nonlocal my_version, sched_epochs
@@ -1367,6 +1383,12 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
                     warnings.simplefilter("ignore", UserWarning)
                     runner.enc_sched.step()
                 sched_epochs += 1
+            if saved is not None and pos == 0 and saved["epoch"] == epoch and saved["step"] < r.step:
+                # This process restarted mid-epoch (killed after a step) and the server did not: go on after the
+                # last step it closed. A server resumed from its checkpoint replays the epoch and grants the same
+                # step ids again (saved step >= r.step): the epoch then starts over from the first batch.
+                pos, loss_sum, samples = int(saved["pos"]), float(saved["loss_sum"]), int(saved["samples"])
+            saved = None
             client.begin_step(r.step)
             index = queue[pos]
             loss = runner._step(site, index)
@@ -1377,9 +1399,12 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
                 version = int(r.relay_version) + 1
                 client.upload_relay(r.step, version, sealer.seal(_hospital_state(runner, sched_epochs), version))
                 my_version = version
+            write_json(position_file, {"run_id": run_id, "epoch": epoch, "step": int(r.step), "pos": pos,
+                                       "loss_sum": loss_sum, "samples": samples})
             continue
         if r.state == pb.TURN_STATE_EPOCH_DONE and not ended:
             client.end_epoch_remote(epoch, loss_sum, samples)
             ended = True
+            print(f"[{site_name(site)}] epoch {epoch + 1}: {pos} step(s) done, loss {loss_sum / max(samples, 1):.4f}", flush=True)
             continue
         time.sleep(min(r.retry_after_ms, 200) / 1000 if r.state == pb.TURN_STATE_WAIT else 0.05)
