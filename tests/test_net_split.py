@@ -1,6 +1,8 @@
 """split-he / split-plain over gRPC with mutual TLS: a real server and two hospitals, checked against the in-process run."""
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 import threading
 
@@ -289,8 +291,12 @@ def test_server_crash_resumes_from_checkpoint_and_hospitals_reconnect(tmp_path, 
 
 
 def test_split_he_dp_noise_state_travels_in_the_sealed_relay(tmp_path, pki):
-    """With DP noise the hospitals draw from one shared noise stream in turn: it is relayed, so the run equals in-process."""
-    cfg = net_config("split-he", freeze=True, epochs=1)
+    """With DP noise the hospitals draw from one shared noise stream in turn: it is relayed, so the run equals in-process.
+
+    The accountants travel sealed too; the hospitals report their spent epsilon at EndEpoch, so the server's
+    history and metrics.json carry the in-process run's epsilon and privacy section.
+    """
+    cfg = net_config("split-he", freeze=True, epochs=2)
     cfg.split.dp_noise_multiplier, cfg.split.dp_max_grad_norm = 1.0, 1.0
     local = run(cfg, tmp_path / "local")
     own_pki = make_dev_pki(tmp_path / "pki", 2)
@@ -299,6 +305,16 @@ def test_split_he_dp_noise_state_travels_in_the_sealed_relay(tmp_path, pki):
     assert not (out / "keys").exists()  # the server's folder never gets the key
     _compare(local, remote, tmp_path / "local", out)
     assert remote["protocol"]["encoder_relay"] is True
+    mine, theirs = remote["privacy"], local["privacy"]
+    assert mine.keys() == theirs.keys() and theirs["epsilon"] > 0
+    assert mine["epsilon"] == pytest.approx(theirs["epsilon"], abs=1e-9)
+    assert mine["epsilon_per_site"] == pytest.approx(theirs["epsilon_per_site"], abs=1e-9)
+    assert {k: v for k, v in mine.items() if "epsilon" not in k} == {k: v for k, v in theirs.items() if "epsilon" not in k}
+    assert json.loads((out / "metrics.json").read_text())["privacy"] == mine
+    per_epoch = [float(r["epsilon"]) for r in csv.DictReader((tmp_path / "local" / "history.csv").open())]
+    assert len(per_epoch) == 2 and per_epoch[0] < per_epoch[1]
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [float(r["epsilon"]) for r in rows] == pytest.approx(per_epoch, abs=1e-9)
 
 
 @pytest.mark.filterwarnings("ignore::splitfl.net.tls.InsecureChannelWarning")
@@ -342,8 +358,6 @@ def test_a_hospital_that_dies_holding_its_turn_is_skipped_and_training_goes_on(t
     cfg.train.batch_size = 16
     with pytest.raises(AssertionError, match="Died"):
         _distributed(cfg, tmp_path, pki, join_timeout_s=3, turn_timeout_s=2, finish_grace_s=1)
-    import csv
-
     rows = list(csv.DictReader((tmp_path / "server" / "history.csv").open()))
     assert [int(r["sites_skipped"]) for r in rows] == [1, 1]
     assert (tmp_path / "server" / "metrics.json").exists()

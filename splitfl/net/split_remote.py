@@ -34,6 +34,10 @@ Architecture
   optimizer and the sealed relay blob, so the usual atomic checkpoints and
   resume work (hospitals are stateless between steps). ``best_model.pt``
   holds the head (``head.*``) and the sealed hospital state (``_relay.*``).
+* DP (split-he with ``split.dp_noise_multiplier > 0``): the accountants
+  travel in the sealed relay, so each hospital reports its own spent epsilon
+  with ``EndEpoch`` (``EndEpochRequest.epsilon``); the server's history and
+  ``metrics.json`` carry the same ``epsilon`` / ``privacy`` as in process.
 
 Entry points: :func:`run_split_server` and :func:`run_split_site`.
 """
@@ -299,6 +303,7 @@ class Coordinator:
         self.relay_version = 0
         self.relay_blob = b""
         self.done_seen: set[int] = set()
+        self.epsilons: dict[int, float] = {}  # split-he DP: each hospital's spent epsilon, reported at EndEpoch
         self.log: list[tuple[int, int]] = []  # (epoch, site) of every granted step, for tests and logs
         # Per-step timings (the server's view, unix seconds): granted, closed (None: still open or timed out),
         # outcome, server_s (the head's compute in the step); run_split_server writes them to <out>/steps.csv
@@ -354,7 +359,7 @@ class Coordinator:
             return pb.GetTurnResponse(state=pb.TURN_STATE_EPOCH_DONE, **base)
         return None
 
-    def end_epoch(self, site: int, epoch: int, loss_sum: float, samples: int) -> Any:
+    def end_epoch(self, site: int, epoch: int, loss_sum: float, samples: int, epsilon: float = 0.0) -> Any:
         if self.phase != "train" or epoch != self.epoch or site in self.ended:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
                          f"epoch {epoch} is not open for {site_name(site)} (server epoch {self.epoch}, {self.phase})")
@@ -363,7 +368,10 @@ class Coordinator:
                          f"{site_name(site)} still has {self.counts.get(site)} step(s) in epoch {epoch}")
         if not (math.isfinite(loss_sum) and samples >= 0):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, "loss_sum must be finite")
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, "epsilon must be finite and >= 0")
         self.ended[site] = (float(loss_sum), int(samples)) if site not in self.skipped else (0.0, 0)
+        self.epsilons[site] = max(self.epsilons.get(site, 0.0), float(epsilon))  # spent privacy never shrinks
         self.cond.notify_all()
         pending = [s for s in self.counts if s not in self.ended and s not in self.skipped]
         return len(pending)
@@ -790,7 +798,8 @@ class SplitServicer(pbg.SplitServiceServicer):
     def EndEpoch(self, request: Any, context: grpc.ServicerContext) -> Any:
         site = self._site(request.header, context)
         with self.coord.cond:
-            pending = self.coord.end_epoch(site, int(request.epoch), float(request.loss_sum), int(request.samples))
+            pending = self.coord.end_epoch(site, int(request.epoch), float(request.loss_sum), int(request.samples),
+                                           float(request.epsilon))
         return pb.EndEpochResponse(header=_resp_header(request.header.sequence), epoch=request.epoch,
                                    epoch_closed=pending == 0, sites_pending=pending)
 
@@ -830,6 +839,7 @@ class RemoteServerRunner:
         self.cfg, self.splits, self.svc, self.coord = cfg, splits, servicer, coordinator
         self.train_set = splits.train
         self.train_bytes_up = self.train_bytes_down = self.train_samples = self.epochs_done = 0
+        self.dp = cfg.regime == "split-he" and cfg.split.dp_noise_multiplier > 0
         self._extras: dict[str, Any] = {}
 
     def train_epoch(self, epoch: int, desc: str) -> float:
@@ -843,7 +853,14 @@ class RemoteServerRunner:
         self.train_samples += samples
         self.epochs_done += 1
         self._extras = {"bytes_up": up, "bytes_down": down, "sites_skipped": len(skipped)}
+        if self.dp:
+            self._extras["epsilon"] = max(self.epsilon_per_site())
         return loss / max(samples, 1)
+
+    def epsilon_per_site(self) -> list[float]:
+        """Each hospital's spent epsilon as it last reported it (0 for one that never did)."""
+        with self.coord.cond:
+            return [self.coord.epsilons.get(s, 0.0) for s in range(self.coord.num_sites)]
 
     def evaluate(self, dataset: Any) -> dict[str, Any]:
         split = "val" if dataset is self.splits.val else "test" if dataset is self.splits.test else None
@@ -857,11 +874,13 @@ class RemoteServerRunner:
     def state_dict(self) -> dict[str, Any]:
         with self.coord.cond:
             relay = (self.coord.relay_version, self.coord.relay_blob, self.coord.next_step)
+            epsilons = dict(self.coord.epsilons)
         return {
             "head": self.svc.head.state_dict(),
             "optimizer": self.svc.head_opt.state_dict(),
             "scheduler": self.svc.head_sched.state_dict() if self.svc.head_sched is not None else None,
             "relay": relay,
+            "epsilons": epsilons,
             "counters": (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done,
                          self.svc.bytes_up, self.svc.bytes_down),
         }
@@ -873,6 +892,7 @@ class RemoteServerRunner:
             self.svc.head_sched.load_state_dict(state["scheduler"])
         with self.coord.cond:
             self.coord.relay_version, self.coord.relay_blob, self.coord.next_step = state["relay"]
+            self.coord.epsilons = dict(state.get("epsilons") or {})
         (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done,
          self.svc.bytes_up, self.svc.bytes_down) = state["counters"]
 
@@ -897,9 +917,11 @@ class RemoteServerRunner:
         return dict(self._extras)
 
     def result_extras(self) -> dict[str, Any]:
+        from splitfl.split.runner import privacy_summary
+
         samples = max(self.train_samples, 1)
         cfg = self.cfg
-        return {
+        out: dict[str, Any] = {
             "protocol": {
                 "regime": cfg.regime,
                 "hospitals": self.coord.num_sites,
@@ -917,6 +939,9 @@ class RemoteServerRunner:
                 "bytes_per_round": (self.train_bytes_up + self.train_bytes_down) / max(self.epochs_done, 1),
             },
         }
+        if self.dp:  # as the in-process run reports it, from the epsilons the hospitals reported at EndEpoch
+            out["privacy"] = privacy_summary(cfg, self.epsilon_per_site())
+        return out
 
 
 def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecure: bool, **kw: Any) -> dict[str, Any]:
@@ -1107,9 +1132,9 @@ class RemoteSplitServer:
         return self._call(self.stub.GetTurn, pb.GetTurnRequest(header=self._header(), epoch=epoch,
                                                                batches_left=batches_left, max_wait_ms=max_wait_ms))
 
-    def end_epoch_remote(self, epoch: int, loss_sum: float, samples: int) -> Any:
+    def end_epoch_remote(self, epoch: int, loss_sum: float, samples: int, epsilon: float = 0.0) -> Any:
         return self._call(self.stub.EndEpoch, pb.EndEpochRequest(header=self._header(), epoch=epoch, loss_sum=loss_sum,
-                                                                 samples=samples))
+                                                                 samples=samples, epsilon=epsilon))
 
     def upload_relay(self, step: int, version: int, blob: bytes) -> Any:
         meta = pb.RelayMeta(step=step, version=version)
@@ -1403,7 +1428,11 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
                                        "loss_sum": loss_sum, "samples": samples})
             continue
         if r.state == pb.TURN_STATE_EPOCH_DONE and not ended:
-            client.end_epoch_remote(epoch, loss_sum, samples)
+            epsilon = 0.0
+            if runner.dp:  # this site's accountant as relayed (current even if this runner was rebuilt on a reconnect)
+                sync(r.relay_version)
+                epsilon = runner.site_epsilon(site)
+            client.end_epoch_remote(epoch, loss_sum, samples, epsilon)
             ended = True
             print(f"[{site_name(site)}] epoch {epoch + 1}: {pos} step(s) done, loss {loss_sum / max(samples, 1):.4f}", flush=True)
             continue

@@ -283,7 +283,12 @@ class SplitRunner:
         """The largest epsilon spent by any hospital (at split.dp_delta); inf without DP noise."""
         if not self.dp:
             return math.inf
-        return max(a.get_epsilon(self.cfg.split.dp_delta) if len(a) else 0.0 for a in self.accountants)
+        return max(self.site_epsilon(s) for s in range(len(self.accountants)))
+
+    def site_epsilon(self, site: int) -> float:
+        """Epsilon spent by hospital ``site`` so far (at split.dp_delta); 0 before its first DP step."""
+        acc = self.accountants[site]
+        return acc.get_epsilon(self.cfg.split.dp_delta) if len(acc) else 0.0
 
     def lr(self) -> float:
         return self.server.optimizer.param_groups[0]["lr"]
@@ -343,15 +348,24 @@ class SplitRunner:
             },
         }
         if self.dp:
-            out["privacy"] = {
-                "epsilon": self.epsilon(),
-                "epsilon_per_site": [a.get_epsilon(self.cfg.split.dp_delta) if len(a) else 0.0 for a in self.accountants],
-                "delta": self.cfg.split.dp_delta,
-                "noise_multiplier": self.cfg.split.dp_noise_multiplier,
-                "max_grad_norm": self.cfg.split.dp_max_grad_norm,
-                "accountant": "opacus RDP, Poisson sampling per hospital; protects the head updates the server receives",
-            }
+            out["privacy"] = privacy_summary(self.cfg, [self.site_epsilon(s) for s in range(len(self.accountants))])
         return out
 
     def close(self) -> None:
         self._feature_cache.clear()
+
+
+def privacy_summary(cfg: RunConfig, epsilon_per_site: list[float]) -> dict[str, Any]:
+    """metrics.json's ``privacy`` section of a split-he run with DP noise, from each hospital's spent epsilon.
+
+    The same for the in-process run and the gRPC server (whose hospitals report their epsilon at EndEpoch).
+    """
+    scfg = cfg.split
+    return {
+        "epsilon": max(epsilon_per_site, default=0.0),
+        "epsilon_per_site": list(epsilon_per_site),
+        "delta": scfg.dp_delta,
+        "noise_multiplier": scfg.dp_noise_multiplier,
+        "max_grad_norm": scfg.dp_max_grad_norm,
+        "accountant": "opacus RDP, Poisson sampling per hospital; protects the head updates the server receives",
+    }

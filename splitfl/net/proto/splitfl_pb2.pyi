@@ -479,16 +479,18 @@ class ApplyUpdateResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class EndEpochRequest(_message.Message):
-    __slots__ = ("header", "epoch", "loss_sum", "samples")
+    __slots__ = ("header", "epoch", "loss_sum", "samples", "epsilon")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
     header: RequestHeader
     epoch: int
     loss_sum: float
     samples: int
-    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., epoch: _Optional[int] = ..., loss_sum: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
+    epsilon: float
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., epoch: _Optional[int] = ..., loss_sum: _Optional[float] = ..., samples: _Optional[int] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class EndEpochResponse(_message.Message):
     __slots__ = ("header", "epoch", "epoch_closed", "sites_pending")
