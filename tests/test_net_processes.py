@@ -6,9 +6,12 @@ One test per regime: split-he (CKKS head, frozen encoder, 2 hospitals) and fedav
 aggregation, the server holds only the public context, 3 hospitals).
 
 Tolerances: the remote run is the in-process run's protocol step for step, but CKKS encryption draws fresh
-randomness, so ciphertext noise (~1e-7 relative) differs between the two runs. Losses are compared to 1e-4 and
-AUROCs to 1e-6: with 64 validation/test images an AUROC moves in steps of ~1e-3 (one swapped pair), so 1e-6
-means the same ranking of every image, i.e. equal; a dropped round or a replayed batch would fail it.
+randomness, so ciphertext noise differs between the two runs (and between two in-process runs). With 64
+validation/test images an AUROC moves in steps of ~1e-3 (one swapped pair). split-he (a linear head, noise
+~1e-7): AUROCs to 1e-6, i.e. the same ranking of every image, losses to 1e-4. fedavg+he (the whole model's
+updates through CKKS): two in-process runs already differ by ~3e-5 in validation loss and one swapped pair by
+epoch 3, so losses to 2e-4 and AUROCs to 5e-3; a dropped round (~2e-2 in loss, ~3e-2 in AUROC here) or a
+replayed batch fails both.
 """
 from __future__ import annotations
 
@@ -28,17 +31,17 @@ def _reference(cfg, out):
     return run(cfg, out)
 
 
-def _same_run(remote: dict, remote_rows: list[dict], local: dict, local_dir) -> None:
+def _same_run(remote: dict, remote_rows: list[dict], local: dict, local_dir, auroc_tol: float, loss_tol: float) -> None:
     """Every epoch's validation metrics and the final test AUROC equal the in-process run's."""
     local_rows = history(local_dir)
     assert len(remote_rows) == len(local_rows) > 0
     for r, l in zip(remote_rows, local_rows):
-        assert float(r["val_auroc_macro"]) == pytest.approx(float(l["val_auroc_macro"]), abs=1e-6), (r, l)
-        assert float(r["val_loss"]) == pytest.approx(float(l["val_loss"]), abs=1e-4), (r, l)
-        assert float(r["train_loss"]) == pytest.approx(float(l["train_loss"]), abs=1e-4), (r, l)
+        assert float(r["val_auroc_macro"]) == pytest.approx(float(l["val_auroc_macro"]), abs=auroc_tol), (r, l)
+        assert float(r["val_loss"]) == pytest.approx(float(l["val_loss"]), abs=loss_tol), (r, l)
+        assert float(r["train_loss"]) == pytest.approx(float(l["train_loss"]), abs=loss_tol), (r, l)
     assert remote["best_epoch"] == local["best_epoch"]
-    assert remote["test"]["auroc_macro"] == pytest.approx(local["test"]["auroc_macro"], abs=1e-6)
-    assert remote["test"]["loss"] == pytest.approx(local["test"]["loss"], abs=1e-4)
+    assert remote["test"]["auroc_macro"] == pytest.approx(local["test"]["auroc_macro"], abs=auroc_tol)
+    assert remote["test"]["loss"] == pytest.approx(local["test"]["loss"], abs=loss_tol)
 
 
 def _killed(fed: Federation, name: str) -> None:
@@ -92,7 +95,7 @@ def test_split_he_processes_survive_a_killed_hospital_and_a_killed_server(tmp_pa
         assert "epoch 2:" in fed.log("site-1")[mark:]  # the restarted process trained epoch 2
         rows = fed.history()
         assert [int(r["sites_skipped"]) for r in rows] == [0, 0, 0]  # nobody was dropped: every step happened
-        _same_run(remote, rows, local, tmp_path / "local")
+        _same_run(remote, rows, local, tmp_path / "local", auroc_tol=1e-6, loss_tol=1e-4)
         assert remote["protocol"]["server_has_secret_key"] is False
     finally:
         fed.close()
@@ -112,7 +115,7 @@ def test_fedavg_he_processes_survive_a_killed_hospital_and_a_killed_server(tmp_p
         assert "round 2: loss" in fed.log("site-2")[mark:]  # the restarted process trained round 2
         rows = fed.history()
         assert [int(r["accepted"]) for r in rows] == [3, 3, 3]
-        _same_run(remote, rows, local, tmp_path / "local")
+        _same_run(remote, rows, local, tmp_path / "local", auroc_tol=5e-3, loss_tol=2e-4)
         assert remote["protocol"]["secure"] == "he" and remote["protocol"]["server_has_secret_key"] is False
     finally:
         fed.close()
