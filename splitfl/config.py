@@ -151,6 +151,11 @@ class FedConfig:
     dp_target_epsilon: Optional[float] = None
     dp_max_grad_norm: float = 1.0
     dp_delta: float = 1e-5
+    # Record the server's view (global model sent, every upload received, byte for byte) under <out>/transcript,
+    # for the attack harness; the hospitals add ground_truth.jsonl (which images each step used: the
+    # evaluation key, never sent to the server).
+    transcript: bool = False
+    transcript_max_rounds: int = 3
 
 
 @dataclass

@@ -44,6 +44,35 @@ _vector_bytes = vector_bytes  # the old private names
 _vector_from_bytes = vector_from_bytes
 
 
+def fed_transcript(cfg: RunConfig, out_dir: Path, spec: FlatSpec, site_sizes: list[int]) -> Any:
+    """The recorder of the server's view of a federated run (``<out>/transcript``), with what an attacker knows."""
+    import dataclasses
+
+    from splitfl.split.transcript import TranscriptRecorder
+
+    meta = {
+        "regime": cfg.regime,
+        "view": "federation server",
+        "config": dataclasses.asdict(cfg),
+        "site_sizes": site_sizes,
+        "parameters": [[e.name, list(e.shape), e.offset] for e in spec.entries],
+        "kinds": {
+            "global_model": "the global model broadcast at the round's start (float32 SFT1 vector)",
+            "site{k}_update": "site k's upload: its update (plaintext part under fed.secure he) as the server got it",
+            "site{k}_update_enc": "fed.secure he: site k's CKKS ciphertexts (count x update of the encrypted layers)",
+        },
+    }
+    return TranscriptRecorder(Path(out_dir) / "transcript", cfg.fed.transcript_max_rounds, meta)
+
+
+def record_ground_truth(folder: Path, round_index: int, site: int, batches: list[list[int]]) -> None:
+    """The hospital's evaluation key: which of its images each step of the round used (never sent anywhere)."""
+    import json
+
+    with open(Path(folder) / "ground_truth.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"round": round_index, "site": site, "batches": batches}) + "\n")
+
+
 class FedRunner:
     """The federation: sites with their data and accountants, and a server with the global model."""
 
@@ -95,6 +124,8 @@ class FedRunner:
             public_ctx=self.public_ctx,
             log=fabric.print,
         )
+        if fed.transcript:
+            self.core.recorder = fed_transcript(cfg, out_dir, self.spec, [len(s) for s in self.sites])
         if fed.secure == "he":
             # The largest |update coordinate| every site may send so that the count-weighted sum of all sites
             # cannot overflow the ciphertexts: public (from the parameters and the public sample counts).
@@ -167,9 +198,12 @@ class FedRunner:
         losses, counts = [], []
         acc = core.begin_round(epoch, chosen)
         bar = tqdm(chosen, desc=desc, leave=False, disable=not (self.cfg.train.progress and self.fabric.is_global_zero))
+        recording = core.recorder is not None and core.recorder.active
         for site in bar:
             n_k = len(self.sites[site])
             update, loss = self.local_update(site, epoch, lr)
+            if recording:
+                record_ground_truth(core.recorder.folder, epoch, site, self.sites[site].last_batches)
             losses.append(loss)
             counts.append(n_k)
             if fed.secure == "masks":  # the server never sees it: the site's own software screens it before masking

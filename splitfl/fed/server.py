@@ -111,6 +111,7 @@ class FedServerCore:
         if public_ctx is not None and public_ctx.is_private():
             raise ValueError("the server must hold the PUBLIC context only (this one can decrypt)")
         self.rejections: list[Rejection] = []
+        self.recorder: Any = None  # a TranscriptRecorder under fed.transcript: the server's view, one step per round
         self.bytes_up = 0
         self.bytes_down = 0
         self.rounds_done = 0
@@ -182,6 +183,8 @@ class FedServerCore:
 
     def begin_round(self, round_index: int, chosen: list[int]) -> RoundAcc:
         acc = RoundAcc(round_index, list(chosen))
+        if self.recorder is not None:
+            self.recorder.record("global_model", vector_bytes(self.global_flat))
         if self.secure == "he":
             from splitfl.he.aggregation import EncryptedSum
 
@@ -203,6 +206,10 @@ class FedServerCore:
 
     def receive(self, acc: RoundAcc, site: int, payload: bytes, enc: bytes | None) -> np.ndarray:
         """Take one site's upload into the round, or raise ValueError (the round's state unchanged)."""
+        if self.recorder is not None:  # what arrived, whether or not it is then accepted
+            self.recorder.record(f"site{site}_update", payload)
+            if enc is not None:
+                self.recorder.record(f"site{site}_update_enc", enc)
         received = self.decode(payload, site)
         if self.secure == "he":  # checked before its ciphertexts join the sum; a refused one leaves it as it was
             problem = check_update(received, received.shape[0])
@@ -264,6 +271,8 @@ class FedServerCore:
     def apply(self, update: np.ndarray | None, accepted: list[int]) -> bool:
         """The server step; False (model unchanged, logged) below fed.min_sites."""
         fed = self.cfg.fed
+        if self.recorder is not None:
+            self.recorder.next_step()
         if update is not None and len(accepted) >= fed.min_sites:
             self.global_flat = self.global_flat + fed.server_lr * update
             return True

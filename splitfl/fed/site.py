@@ -19,7 +19,7 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from splitfl.config import RunConfig
 from splitfl.data.base import ArrayDataset
@@ -34,6 +34,20 @@ def _seed(*parts: int) -> int:
     return value
 
 
+class _Indexed(Dataset):
+    """(image, target, index): lets a site log which of its images each step used (for attack evaluation)."""
+
+    def __init__(self, dataset: ArrayDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image, target = self.dataset[index]
+        return image, target, index
+
+
 class Site:
     """A hospital's local trainer; holds its data, its DP accountant and nothing else between rounds."""
 
@@ -43,6 +57,7 @@ class Site:
         self.dp = fed.dp_noise_multiplier > 0 or fed.dp_target_epsilon is not None
         self.accountant: RDPAccountant | None = RDPAccountant() if self.dp else None
         self.noise_multiplier = fed.dp_noise_multiplier
+        self.last_batches: list[list[int]] = []  # indices (into this site's data) of each step of the last round
         if self.dp and fed.dp_target_epsilon is not None:
             # Noise for the whole run, assuming the site takes part in every round (conservative when sampled).
             steps = cfg.train.epochs * self.steps_per_round
@@ -88,7 +103,7 @@ class Site:
         trainable = [p for p in local.parameters() if p.requires_grad]
         optimizer = make_optimizer(trainable, dataclasses.replace(self.cfg.train, lr=lr))
         generator = torch.Generator().manual_seed(_seed(self.cfg.seed, self.index, round_index))
-        loader = DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator)
+        loader = DataLoader(_Indexed(self.dataset), batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator)
         if self.dp:
             engine = PrivacyEngine(accountant="rdp")
             engine.accountant = self.accountant  # one accountant per site, across rounds
@@ -106,11 +121,13 @@ class Site:
             )
         anchor = [p.detach().clone() for p in local.parameters()] if self.cfg.regime == "fedprox" else None
         total, count, steps = 0.0, 0, 0
+        self.last_batches = []
         for _ in range(self.cfg.fed.local_epochs):
-            for images, targets in loader:
+            for images, targets, index in loader:
                 if steps >= self.steps_per_round:
                     break
                 steps += 1  # an empty Poisson batch is a step too (the accountant counts it)
+                self.last_batches.append([int(i) for i in index])
                 if len(targets) == 0:  # Poisson sampling can draw an empty batch
                     continue
                 images, targets = images.to(self.device), targets.to(self.device)
