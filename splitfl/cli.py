@@ -65,6 +65,9 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--address", type=str, default="127.0.0.1:50051", help="host:port to listen on (port 0: any free port, written to OUT/server.json)")
     serve.add_argument("--insecure", action=ActionYesNo, default=False, help="plaintext gRPC without TLS (development only; prints a warning)")
     serve.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for the sampled sites' updates before dropping the late ones")
+    serve.add_argument("--phase-timeout", type=Optional[float], default=None,
+                       help="fed.secure masks: seconds each secure-aggregation step after the key advertisement waits for the "
+                            "sites (default: --round-timeout); a site that dies mid-round holds the round up this long")
     serve.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for every site to join before the first round")
     serve.add_argument("--run-id", type=Optional[str], default=None, help="run id the sites must present (default: regime + config fingerprint)")
     serve.add_argument("--public-context", type=Optional[str], default=None, help="fed.secure he: the consortium's PUBLIC context (default PKI/server/consortium.public)")
@@ -110,7 +113,7 @@ def cmd_serve(ns: Namespace) -> None:
     from splitfl.net.launch import serve
 
     serve(to_run_config(ns), ns.out, ns.pki, ns.address, ns.insecure, round_timeout=ns.round_timeout,
-          join_timeout=ns.join_timeout, run_id=ns.run_id, public_context=ns.public_context)
+          join_timeout=ns.join_timeout, run_id=ns.run_id, public_context=ns.public_context, phase_timeout=ns.phase_timeout)
 
 
 def cmd_join(ns: Namespace) -> None:

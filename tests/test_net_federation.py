@@ -3,6 +3,7 @@ protocol checks), compared with the in-process federation."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 
 import grpc
@@ -120,6 +121,56 @@ def test_a_restarted_server_resumes_and_the_sites_reconnect(tmp_path, in_process
         assert "masked update sent and unmasked" in fed.log("site-0")
     finally:
         fed.close()
+
+
+@pytest.mark.slow
+def test_masks_a_site_killed_after_sharing_keys_is_recovered_from_the_survivors_shares(tmp_path):
+    """fed.secure masks over gRPC: site 2 is SIGKILLed right after ShareKeys, before its masked input.
+
+    The survivors' Shamir shares of its mask key remove its pairwise masks (Bonawitz et al.'s dropout
+    recovery), so the round's aggregate is plaintext FedAvg over sites 0 and 1, computed here in process.
+    """
+    from splitfl.data import load_splits
+    from splitfl.fed.aggregate import aggregate
+    from splitfl.fed.runner import FedRunner
+    from splitfl.net.federation import DIE_AFTER_ENV
+    from splitfl.net.launch import server_command, site_command, start
+    from splitfl.train import make_fabric
+
+    cfg = net_config("masks", epochs=1)
+    fed = Federation(cfg, tmp_path, round_timeout=120)  # the local training before AdvertiseKeys, on a busy machine
+    try:
+        # the steps after AdvertiseKeys wait 10 s (--phase-timeout): the survivors wait that long for site 2's masked input
+        fed.procs["server"] = start(server_command(fed.config, tmp_path / "server", fed.pki, fed.address, False, 120, 10),
+                                    tmp_path / "logs" / "server.log")
+        for i in range(2):
+            fed.start_site(i)
+        fed.procs["site-2"] = start(site_command(fed.config, 2, fed.address, fed.pki, tmp_path / "sites" / "site-2", False),
+                                    tmp_path / "logs" / "site-2.log", env={DIE_AFTER_ENV: "share_keys"})
+        # the reference, while the processes start: the survivors' round-1 updates
+        # from the same initial model, aggregated in plaintext
+        torch.set_num_threads(2)
+        fabric = make_fabric(cfg.train)
+        fabric.seed_everything(cfg.seed, verbose=False)
+        ref = FedRunner(fabric, cfg, load_splits(cfg.data), tmp_path / "ref")
+        updates = [ref.local_update(s, 0, cfg.train.lr)[0] for s in (0, 1)]
+        mean = aggregate(updates, [float(len(ref.sites[s])) for s in (0, 1)], "mean")
+        expected = ref.global_flat + cfg.fed.server_lr * mean
+
+        assert fed.procs["site-2"].wait(timeout=120) == -signal.SIGKILL, fed.log("site-2")[-2000:]
+        assert "share_keys: dying now" in fed.log("site-2")
+
+        for i in range(2):  # the survivors finish when the server says the run is over (it then lingers for site 2)
+            assert fed.procs[f"site-{i}"].wait(timeout=120) == 0, fed.log(f"site-{i}")[-2000:]
+            assert "masked update sent and unmasked" in fed.log(f"site-{i}")
+        assert [int(r["accepted"]) for r in _history(tmp_path / "server")] == [2]
+        assert "masked sum of 2 update(s) of 3 sampled" in fed.log("server")
+        state = torch.load(tmp_path / "server" / "checkpoint.pt", map_location="cpu", weights_only=False)
+        got = np.asarray(state["runner"]["core"]["global_flat"], dtype=np.float64)
+    finally:
+        fed.close()
+    assert np.abs(got - expected).max() < 1e-6
+    assert np.abs(got - ref.global_flat).max() > 1e-4  # the round moved the model
 
 
 # ----------------------------------------------------------------------------- protocol checks (threads)

@@ -46,6 +46,17 @@ Failures
 * A restarted server resumes from its checkpoint (``fit``); sites whose
   server has gone retry with exponential backoff for up to
   ``connect_timeout`` seconds and rejoin.
+* Under ``fed.secure: masks`` a site that dies after sharing its keys but
+  before sending its masked input misses the MaskedInput deadline
+  (``phase_timeout``, default ``round_timeout``: the steps after AdvertiseKeys
+  involve no training, so their deadline can be much shorter than that of
+  AdvertiseKeys, which waits for the local training); the server lists it as
+  dropped in the UnmaskRequest and the survivors' Shamir shares of its mask
+  key remove its pairwise masks, so the round's sum is that of the survivors
+  (Bonawitz et al.'s dropout recovery). Test hook: a site whose environment has
+  ``SPLITFL_TEST_SECAGG_DIE_AFTER=<step>`` (``advertise_keys``,
+  ``share_keys``, ``masked_input``) SIGKILLs itself right after sending that
+  message (tests/test_net_federation.py); never set it in a deployment.
 * Every malformed, tampered, replayed or unauthenticated request ends with a
   gRPC status and a ``splitfl.v1.ErrorDetail`` in the trailing metadata
   (``splitfl-error-bin``); the server's state is unchanged and it keeps
@@ -58,6 +69,7 @@ import io
 import json
 import math
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -101,6 +113,8 @@ SERVER_VERSION = "splitfl-fed/1"
 DEFAULT_MAX_PAYLOAD = 4 << 30  # 4 GiB: ResNet-18 encrypted aggregates are ~180 MB
 JOIN_NONCE_BYTES = 16
 SITE_STATE = "site_state.pt"
+# Test-only: a site SIGKILLs itself right after sending this secure-aggregation message (see the module docstring).
+DIE_AFTER_ENV = "SPLITFL_TEST_SECAGG_DIE_AFTER"
 
 
 def site_name(index: int) -> str:
@@ -200,6 +214,7 @@ class FederationServer(pb_grpc.FederationServiceServicer):
         *,
         run_id: Optional[str] = None,
         round_timeout: float = 600.0,
+        phase_timeout: Optional[float] = None,
         public_context: Optional[bytes] = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -211,6 +226,8 @@ class FederationServer(pb_grpc.FederationServiceServicer):
         self.fingerprint = run_fingerprint(cfg)
         self.num_sites = cfg.data.partition.num_sites
         self.round_timeout = float(round_timeout)
+        # fed.secure masks: the deadline of each step after AdvertiseKeys (whose deadline, the round's, covers training)
+        self.phase_timeout = float(phase_timeout) if phase_timeout else self.round_timeout
         self.max_payload, self.chunk_size, self.replay_window = max_payload, chunk_size, replay_window
         self.public_context = public_context
         self.context_fp = b""
@@ -761,7 +778,7 @@ class FederationServer(pb_grpc.FederationServiceServicer):
                 self.cond.wait(min(left, 1.0))
             got = dict(self.sa_in.get(kind, {}))
             self.sa_next = next_kind
-            self.deadline_ms = _now_ms() + int(self.round_timeout * 1000)  # the next phase's deadline
+            self.deadline_ms = _now_ms() + int(self.phase_timeout * 1000)  # the next phase's deadline
             return got
 
     def _masked_round(self, round_index: int, chosen: list[int]) -> tuple[float, dict[str, Any]]:
@@ -1206,7 +1223,13 @@ class FedSiteClient:
             for chunk in split_payload(blob, DEFAULT_CHUNK_SIZE):
                 yield pb.SecAggSubmitRequest(chunk=chunk)
 
-        return self.stub.SecAggSubmit(messages(), timeout=600)
+        resp = self.stub.SecAggSubmit(messages(), timeout=600)
+        step = {pb.SECAGG_MESSAGE_TYPE_ADVERTISE_KEYS: "advertise_keys", pb.SECAGG_MESSAGE_TYPE_SHARE_KEYS: "share_keys",
+                pb.SECAGG_MESSAGE_TYPE_MASKED_INPUT: "masked_input"}.get(kind)
+        if step is not None and os.environ.get(DIE_AFTER_ENV) == step:  # test hook: a hospital lost mid-round
+            self.log(f"[site {self.site}] round {r + 1}: {DIE_AFTER_ENV}={step}: dying now")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return resp
 
     def sa_fetch(self, r: int, kind: int, patience_s: float) -> bytes:
         """Long-poll the server's next secure-aggregation message for this site."""

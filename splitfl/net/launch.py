@@ -83,8 +83,13 @@ def serve(
     run_id: Optional[str] = None,
     public_context: Optional[str | Path] = None,
     finish_grace: float = 15.0,
+    phase_timeout: Optional[float] = None,
 ) -> dict[str, Any]:
-    """Run the coordinating server until the last round; returns what metrics.json holds."""
+    """Run the coordinating server until the last round; returns what metrics.json holds.
+
+    ``phase_timeout`` (fed.secure masks): how long each secure-aggregation step after the key advertisement
+    waits for the sites (default ``round_timeout``, which also covers the local training before it).
+    """
     if cfg.regime not in FED_REGIMES:
         kw: dict[str, Any] = {"round_timeout": round_timeout, "join_timeout_s": join_timeout}
         if run_id:
@@ -128,7 +133,8 @@ def serve(
         ctx_bytes = path.read_bytes()
         public_ctx = load_public_context(ctx_bytes)  # refuses a context that holds a secret key
     core = FedServerCore(cfg, spec.size, spec.flatten(model), None, he_mask=he_mask, public_ctx=public_ctx, log=fabric.print)
-    servicer = FederationServer(cfg, core, run_id=run_id, round_timeout=round_timeout, public_context=ctx_bytes, log=fabric.print)
+    servicer = FederationServer(cfg, core, run_id=run_id, round_timeout=round_timeout, phase_timeout=phase_timeout,
+                                public_context=ctx_bytes, log=fabric.print)
     server, port = make_server(servicer, address, pki_dir, insecure)
     host = address.rsplit(":", 1)[0]
     write_json(out_dir / SERVER_INFO, {"address": f"{host}:{port}", "pid": os.getpid(), "run_id": servicer.run_id})
@@ -218,9 +224,12 @@ def write_config(cfg: RunConfig, path: Path) -> Path:
     return path
 
 
-def server_command(config: Path, out: Path, pki: Path, address: str, insecure: bool, round_timeout: float) -> list[str]:
+def server_command(config: Path, out: Path, pki: Path, address: str, insecure: bool, round_timeout: float,
+                   phase_timeout: Optional[float] = None) -> list[str]:
     cmd = [sys.executable, "-m", "splitfl", "serve", "--config", str(config), "--out", str(out), "--pki", str(pki),
            "--address", address, "--round-timeout", str(round_timeout)]
+    if phase_timeout is not None:
+        cmd += ["--phase-timeout", str(phase_timeout)]
     return cmd + (["--insecure"] if insecure else [])
 
 
