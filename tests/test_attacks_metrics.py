@@ -9,6 +9,13 @@ import torch
 
 from attacks.leakage import MIN_DISTRACTORS, leak_flags, leakage_curve, leakage_rate, ssim_cutoff_curve
 from attacks.metrics import PSNR_CAP_DB, match_reconstructions, pairwise_ssim, psnr, ssim, to_unit
+from attacks.runtime import torch_threads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
