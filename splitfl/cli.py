@@ -179,6 +179,7 @@ BENCHMARKS: dict[str, str] = {
     "he-head": "splitfl.he.benchmark",  # encrypted linear head vs plaintext and per-sample ciphertexts
     "split-epoch": "splitfl.split.benchmark",  # split-he epoch vs split-plain epoch, end to end
     "fed-round": "splitfl.he.aggregation_benchmark",  # one FedAvg round: plaintext vs CKKS-encrypted aggregation
+    "split-load": "splitfl.net.load_benchmark",  # concurrent hospitals one split-he server holds (real processes)
 }
 
 

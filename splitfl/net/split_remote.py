@@ -807,8 +807,16 @@ class SplitServicer(pbg.SplitServiceServicer):
         return bool(self.server is not None and self.server.has_secret_key())
 
 
-def serve(servicer: SplitServicer, address: str, pki_dir: Any, insecure: bool, max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A started gRPC server for ``servicer`` on ``address`` (mutual TLS + site tokens unless ``insecure``)."""
+def serve(servicer: SplitServicer, address: str, pki_dir: Any, insecure: bool,
+          max_workers: Optional[int] = None) -> tuple[grpc.Server, int]:
+    """A started gRPC server for ``servicer`` on ``address`` (mutual TLS + site tokens unless ``insecure``).
+
+    ``max_workers`` defaults to 8 + 3 per hospital (as run_split_server sized it): every waiting hospital holds
+    a handler thread while it long-polls GetTurn, so with a fixed pool of 16 and more than 15 hospitals the turn
+    holder's calls would queue until some poll times out (up to ``poll_ms``, 2 s, per call).
+    """
+    if max_workers is None:
+        max_workers = 8 + 3 * servicer.coord.num_sites
     from splitfl.net.certs import load_pki
     from splitfl.net.tls import SiteAuthInterceptor, add_server_port, server_credentials
 
@@ -993,7 +1001,7 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
              "head_layers": [[l.in_features, l.out_features] for l in layers], "batch_size": cfg.train.batch_size,
              "he_preset": cfg.split.he_preset if cfg.regime == "split-he" else None, "transport": "grpc"})
     svc = SplitServicer(cfg, run_id, head, head_opt, head_sched, coord, recorder=recorder)
-    server, port = serve(svc, address, pki_dir, insecure, kw.get("max_workers", 8 + 3 * coord.num_sites))
+    server, port = serve(svc, address, pki_dir, insecure, kw.get("max_workers"))
     fabric.print(f"[split server] run {run_id}: serving {cfg.regime} on port {port} for {coord.num_sites} hospitals")
     if kw.get("on_ready") is not None:
         kw["on_ready"](port)
