@@ -15,8 +15,21 @@ from attacks.gradient_inversion import (
     model_gradients,
     reconstruct,
 )
-from attacks.leakage import LeakageDetails, leak_flags, leakage_curve, leakage_rate, ssim_cutoff_curve
-from attacks.metrics import MatchResult, match_reconstructions, pairwise_ssim, psnr, ssim, to_unit
+from attacks.leakage import (
+    LeakageDetails,
+    leak_flags,
+    leakage_curve,
+    leakage_rate,
+    ssim_cutoff_curve,
+)
+from attacks.metrics import (
+    MatchResult,
+    match_reconstructions,
+    pairwise_ssim,
+    psnr,
+    ssim,
+    to_unit,
+)
 from attacks.models import LeNetDLG, lenet_dlg
 
 __all__ = [

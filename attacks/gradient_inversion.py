@@ -192,6 +192,26 @@ def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _dlg_closures(model: nn.Module, target: Grads, x: torch.Tensor, y_fixed: torch.Tensor | None,
+                  y_logits: torch.Tensor | None):
+    """DLG's objective (L2 gradient distance) and the L-BFGS closure that fills the dummies' .grad."""
+    variables = [x] if y_logits is None else [x, y_logits]
+
+    def objective() -> torch.Tensor:
+        y = y_fixed if y_logits is None else F.softmax(y_logits, dim=-1)
+        return l2_gradient_loss(model_gradients(model, x, y, create_graph=True), target)
+
+    def closure() -> torch.Tensor:
+        for v in variables:
+            v.grad = None
+        loss = objective()
+        for v, g in zip(variables, torch.autograd.grad(loss, variables)):
+            v.grad = g
+        return loss
+
+    return objective, closure
+
+
 def dlg(
     model: nn.Module,
     gradients: Sequence[torch.Tensor],
@@ -234,17 +254,7 @@ def dlg(
         y_logits = None if fixed else _dummy((int(batch_size), num_classes), gen, p0.device, p0.dtype)
         variables = [x] if fixed else [x, y_logits]
         opt = torch.optim.LBFGS(variables, lr=lr)
-
-        def objective() -> torch.Tensor:
-            y = y_fixed if fixed else F.softmax(y_logits, dim=-1)
-            return l2_gradient_loss(model_gradients(model, x, y, create_graph=True), target)
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = objective()
-            for v, g in zip(variables, torch.autograd.grad(loss, variables)):
-                v.grad = g
-            return loss
+        objective, closure = _dlg_closures(model, target, x, y_fixed, y_logits)
 
         history: list[float] = []
         run_best, since = math.inf, 0

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.metrics import DEFAULT_VALUE_RANGE, ValueRange, match_reconstructions, pairwise_ssim, ssim
+from attacks.metrics import (
+    DEFAULT_VALUE_RANGE,
+    ValueRange,
+    match_reconstructions,
+    pairwise_ssim,
+    ssim,
+)
 
 MIN_DISTRACTORS = 100
 DEFAULT_MARGIN = 0.1

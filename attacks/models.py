@@ -33,7 +33,7 @@ class LeNetDLG(nn.Module):
         if uniform_init:
             self.uniform_init_()
 
-    def uniform_init_(self, low: float = -0.5, high: float = 0.5) -> "LeNetDLG":
+    def uniform_init_(self, low: float = -0.5, high: float = 0.5) -> LeNetDLG:
         """DLG's init: every weight and bias ~ U(-0.5, 0.5) (larger than PyTorch's, so gradients carry more)."""
         with torch.no_grad():
             for p in self.parameters():

@@ -7,8 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.leakage import MIN_DISTRACTORS, leak_flags, leakage_curve, leakage_rate, ssim_cutoff_curve
-from attacks.metrics import PSNR_CAP_DB, match_reconstructions, pairwise_ssim, psnr, ssim, to_unit
+from attacks.leakage import (
+    MIN_DISTRACTORS,
+    leak_flags,
+    leakage_curve,
+    leakage_rate,
+    ssim_cutoff_curve,
+)
+from attacks.metrics import (
+    PSNR_CAP_DB,
+    match_reconstructions,
+    pairwise_ssim,
+    psnr,
+    ssim,
+    to_unit,
+)
 from attacks.runtime import torch_threads
 
 
