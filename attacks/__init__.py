@@ -1,40 +1,31 @@
-"""Attack harness core: gradient-inversion attacks, pinned image metrics and the leakage rate.
+"""splitfl's attack harness: what a curious server can reconstruct from each regime (see attacks/README.md).
 
-Library functions take tensors and models; wiring to run transcripts and the
-CLI lives elsewhere. See attacks/README.md for the threat model.
+* :mod:`attacks.gradient_inversion` - DLG, iDLG, Inverting Gradients;
+* :mod:`attacks.metrics`, :mod:`attacks.leakage`, :mod:`attacks.scoring` - pinned SSIM/PSNR, Hungarian
+  matching, the leakage rate;
+* :mod:`attacks.transcript`, :mod:`attacks.keyless`, :mod:`attacks.fed_inversion` - the server's recorded
+  view of a real run, read as the server can read it;
+* :mod:`attacks.harness` - ``splitfl attack``.
+
+Names are imported lazily (PEP 562), so ``splitfl --help`` does not load torchmetrics.
 """
-from attacks.gradient_inversion import (
-    InversionResult,
-    add_gaussian_noise,
-    dlg,
-    gradients_from_update,
-    idlg,
-    infer_labels,
-    inverting_gradients,
-    local_update,
-    model_gradients,
-    reconstruct,
-)
-from attacks.leakage import (
-    LeakageDetails,
-    leak_flags,
-    leakage_curve,
-    leakage_rate,
-    ssim_cutoff_curve,
-)
-from attacks.metrics import (
-    MatchResult,
-    match_reconstructions,
-    pairwise_ssim,
-    psnr,
-    ssim,
-    to_unit,
-)
-from attacks.models import LeNetDLG, lenet_dlg
+from __future__ import annotations
 
-__all__ = [
-    "InversionResult", "LeNetDLG", "LeakageDetails", "MatchResult", "add_gaussian_noise", "dlg",
-    "gradients_from_update", "idlg", "infer_labels", "inverting_gradients", "leak_flags", "leakage_curve",
-    "leakage_rate", "lenet_dlg", "local_update", "match_reconstructions", "model_gradients", "pairwise_ssim",
-    "psnr", "reconstruct", "ssim", "ssim_cutoff_curve", "to_unit",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "attacks.gradient_inversion": ["InversionResult", "add_gaussian_noise", "dlg", "gradients_from_update", "idlg",
+                                   "infer_labels", "inverting_gradients", "local_update", "model_gradients", "reconstruct"],
+    "attacks.leakage": ["LeakageDetails", "leak_flags", "leakage_curve", "leakage_rate", "ssim_cutoff_curve"],
+    "attacks.metrics": ["MatchResult", "match_reconstructions", "pairwise_ssim", "psnr", "ssim", "to_unit"],
+    "attacks.models": ["LeNetDLG", "lenet_dlg"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'attacks' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
+from attacks.harness import build_attack_parser, cmd_attack
 from splitfl.compare import CompareError, build_compare_parser, cmd_compare
 from splitfl.config import RunConfig
 
@@ -51,6 +52,7 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
     sub.add_subcommand("train", train, help="train a model")
     sub.add_subcommand("compare", build_compare_parser(), help="run several regimes on one task and tabulate them")
+    sub.add_subcommand("attack", build_attack_parser(), help="measure what a curious server can reconstruct in each regime")
 
     certs = ArgumentParser(description="Make a development CA, a server certificate, one client certificate and token per site.")
     certs.add_argument("--out", type=str, required=True, help="folder for the PKI (ca/, server/, sites/<name>/)")
@@ -166,6 +168,7 @@ def cmd_data_summary(ns: Namespace) -> None:
 COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
     ("train",): cmd_train,
     ("compare",): cmd_compare,
+    ("attack",): cmd_attack,
     ("certs",): cmd_certs,
     ("serve",): cmd_serve,
     ("join",): cmd_join,

@@ -436,21 +436,34 @@ def _write(todo: list[tuple[Variant, RunConfig, bool]], out: Path, title: str, c
     return rows
 
 
-def build_compare_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        description="Run several regimes (variants of one base run config) on the same data, sites and seed, each "
-        "into OUT/NAME (resumable; finished variants are reused), and tabulate them in OUT/comparison.{md,csv,json,png}.",
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML: run config keys (no regime) plus 'variants'")
-    parser.add_class_arguments(CompareConfig)
+def variants_parser(config_cls: type, description: str, config_help: str, only_help: str) -> ArgumentParser:
+    """A command line for a config with ``variants`` (``splitfl compare``, ``splitfl attack``): --config, keys, --out, --only."""
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_class_arguments(config_cls)
     parser.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
-    parser.add_argument("--only", type=str | None, default=None, help="comma-separated variant names to run")
+    parser.add_argument("--only", type=str | None, default=None, help=only_help)
     return parser
+
+
+def parse_only(ns: Any) -> list[str] | None:
+    """``--only a,b`` as a list of names (None: every variant)."""
+    return None if ns.only is None else [n.strip() for n in ns.only.split(",") if n.strip()]
+
+
+def build_compare_parser() -> ArgumentParser:
+    return variants_parser(
+        CompareConfig,
+        "Run several regimes (variants of one base run config) on the same data, sites and seed, each "
+        "into OUT/NAME (resumable; finished variants are reused), and tabulate them in OUT/comparison.{md,csv,json,png}.",
+        "YAML: run config keys (no regime) plus 'variants'",
+        "comma-separated variant names to run",
+    )
 
 
 def cmd_compare(ns: Any) -> None:
     cfg = CompareConfig(**{f.name: ns[f.name] for f in dataclasses.fields(CompareConfig)})
-    only = None if ns.only is None else [n.strip() for n in ns.only.split(",") if n.strip()]
+    only = parse_only(ns)
     config_files = ns.get("config") or []
     config_path = str(config_files[-1]) if config_files else None
     compare(cfg, ns.out, only=only, config_path=config_path)

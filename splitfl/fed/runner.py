@@ -57,6 +57,7 @@ def fed_transcript(cfg: RunConfig, out_dir: Path, spec: FlatSpec, site_sizes: li
         "site_sizes": site_sizes,
         "parameters": [[e.name, list(e.shape), e.offset] for e in spec.entries],
         "kinds": {
+            "round_info": "JSON: the round's sampled sites and the learning rate the server broadcast",
             "global_model": "the global model broadcast at the round's start (float32 SFT1 vector)",
             "site{k}_update": "site k's upload: its update (plaintext part under fed.secure he) as the server got it",
             "site{k}_update_enc": "fed.secure he: site k's CKKS ciphertexts (count x update of the encrypted layers)",
@@ -126,6 +127,11 @@ class FedRunner:
         )
         if fed.transcript:
             self.core.recorder = fed_transcript(cfg, out_dir, self.spec, [len(s) for s in self.sites])
+            if self.public_ctx is not None:  # the server holds the public context: the attack may use it
+                from splitfl.artifacts import write_bytes
+                from splitfl.he.keys import public_context_bytes
+
+                write_bytes(self.core.recorder.folder / "server_public_context.bin", public_context_bytes(self.secret_ctx), 0o644)
         if fed.secure == "he":
             # The largest |update coordinate| every site may send so that the count-weighted sum of all sites
             # cannot overflow the ciphertexts: public (from the parameters and the public sample counts).
@@ -196,7 +202,7 @@ class FedRunner:
         self._he_down = self._secagg_up = self._secagg_down = 0
         round_up = 0
         losses, counts = [], []
-        acc = core.begin_round(epoch, chosen)
+        acc = core.begin_round(epoch, chosen, lr=lr)
         bar = tqdm(chosen, desc=desc, leave=False, disable=not (self.cfg.train.progress and self.fabric.is_global_zero))
         recording = core.recorder is not None and core.recorder.active
         for site in bar:

@@ -181,9 +181,13 @@ class FedServerCore:
 
     # ------------------------------------------------------------------ one round
 
-    def begin_round(self, round_index: int, chosen: list[int]) -> RoundAcc:
+    def begin_round(self, round_index: int, chosen: list[int], lr: float | None = None) -> RoundAcc:
         acc = RoundAcc(round_index, list(chosen))
-        if self.recorder is not None:
+        if self.recorder is not None:  # what the server sends: the round's instructions and the global model
+            import json
+
+            info = {"round": round_index, "chosen": list(chosen), "lr": lr}
+            self.recorder.record("round_info", json.dumps(info).encode())
             self.recorder.record("global_model", vector_bytes(self.global_flat))
         if self.secure == "he":
             from splitfl.he.aggregation import EncryptedSum

@@ -95,6 +95,7 @@ __all__ = [
     "decrypt_aggregate",
     "encrypt_update",
     "error_bound",
+    "load_update",
     "n_ciphertexts",
     "sum_encrypted",
     "values_per_ciphertext",
@@ -325,11 +326,14 @@ def check_payload(public_ctx: ts.Context, payload: bytes, length: int) -> Payloa
     passes is accepted by :func:`sum_encrypted` (unless the sum as a whole
     would exceed the capacity).
     """
+    return load_update(public_ctx, payload, length)[0]
+
+
+def load_update(public_ctx: ts.Context, payload: bytes, length: int) -> tuple[PayloadInfo, list[sa.Ciphertext]]:
+    """One site's update, checked as :func:`check_payload` does, and its SEAL ciphertexts (what a server holds)."""
     eng = engine_for(public_ctx)
     info, blobs = _parse(eng, payload, _checked_length(length), "update", "Encrypted update")
-    for i, blob in enumerate(blobs):
-        _load(eng, blob, f"ciphertext #{i} of the encrypted update")
-    return info
+    return info, [_load(eng, blob, f"ciphertext #{i} of the encrypted update") for i, blob in enumerate(blobs)]
 
 
 class EncryptedSum:

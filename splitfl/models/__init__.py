@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import ModelConfig
-from . import heads
+from . import heads, lenet  # noqa: F401  (lenet registers splitfl_lenet with timm)
 from .checkpoint import LoadReport, load_pretrained
 from .factory import ModelError, create_model
 from .heads import LinearHead, MLPHead, PolyActivation

@@ -1,0 +1,80 @@
+"""Read what the server of a real run observed (``<run>/transcript``), step by step.
+
+splitfl's recorders (``split.transcript`` / ``fed.transcript``) write every
+message the server received or sent, byte for byte, with ``index.jsonl``
+naming them and ``meta.json`` saying what an attacker knows (the
+configuration, the architecture). The hospitals add ``ground_truth.jsonl``:
+which of their images each step used. That file is the *evaluation key*: the
+attacks never read it, only the scoring does.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class TranscriptError(ValueError):
+    """A transcript folder that is missing, incomplete or not of the expected kind."""
+
+
+@dataclass
+class Transcript:
+    """The server's view of a run: ``steps[step][kind]`` is the exact payload (bytes)."""
+
+    folder: Path
+    meta: dict[str, Any]
+    steps: dict[int, dict[str, bytes]]
+    ground_truth: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        if "config" not in self.meta:
+            raise TranscriptError(f"{self.folder}/meta.json has no 'config': record it with a current splitfl")
+        return self.meta["config"]
+
+    def payload(self, step: int, kind: str) -> bytes | None:
+        return self.steps.get(step, {}).get(kind)
+
+    def json(self, step: int, kind: str) -> dict[str, Any]:
+        data = self.payload(step, kind)
+        if data is None:
+            raise TranscriptError(f"{self.folder}: step {step} has no {kind!r} message")
+        return json.loads(data)
+
+    def truth(self, round_index: int, site: int) -> list[list[int]]:
+        """The image indices (into the site's data) of each local step of that round (the evaluation key)."""
+        for entry in self.ground_truth:
+            if entry["round"] == round_index and entry["site"] == site:
+                return entry["batches"]
+        raise TranscriptError(f"{self.folder}/ground_truth.jsonl has no entry for round {round_index}, site {site}")
+
+    def server_file(self, name: str) -> bytes | None:
+        path = self.folder / name
+        return path.read_bytes() if path.is_file() else None
+
+
+def read_transcript(folder: str | Path) -> Transcript:
+    """Load a transcript folder; TranscriptError saying what is missing and how to record one."""
+    folder = Path(folder)
+    index_path, meta_path = folder / "index.jsonl", folder / "meta.json"
+    if not index_path.is_file() or not meta_path.is_file():
+        raise TranscriptError(
+            f"{folder} is not a transcript (needs index.jsonl and meta.json): train with "
+            "split.transcript: true (split regimes) or fed.transcript: true (fedavg/fedprox)"
+        )
+    meta = json.loads(meta_path.read_text())
+    steps: dict[int, dict[str, bytes]] = {}
+    for n, line in enumerate(index_path.read_text().splitlines(), 1):
+        entry = json.loads(line)
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise TranscriptError(f"{index_path}:{n} names {entry['file']}, which is missing")
+        data = path.read_bytes()
+        if len(data) != entry["bytes"]:
+            raise TranscriptError(f"{path} has {len(data)} bytes, the index says {entry['bytes']}: a torn write?")
+        steps.setdefault(int(entry["step"]), {})[entry["kind"]] = data
+    truth_path = folder / "ground_truth.jsonl"
+    truth = [json.loads(line) for line in truth_path.read_text().splitlines()] if truth_path.is_file() else []
+    return Transcript(folder, meta, steps, truth)
