@@ -255,14 +255,11 @@ def test_noninteractive_inference_refuses_relu_and_shallow_presets(tmp_path):
         run(cfg, tmp_path / "shallow")  # the default preset has one level; the MLP needs three
 
 
-def test_split_he_resumes_after_an_interrupt(tmp_path, monkeypatch):
-    """Ctrl-C in epoch 2: the rerun reuses the consortium key file and continues from the checkpoint."""
+def interrupt_in_second_epoch(cfg, out_dir, monkeypatch) -> None:
+    """Run ``cfg`` into ``out_dir`` and press Ctrl-C as the split run's second epoch starts."""
     import splitfl.split.runner as runner_mod
 
-    cfg = tiny_config(regime="split-he")
-    cfg.split.dp_noise_multiplier, cfg.split.dp_max_grad_norm = 1.0, 1.0
-    real_epoch = runner_mod.SplitRunner.train_epoch
-    calls = []
+    real_epoch, calls = runner_mod.SplitRunner.train_epoch, []
 
     def interrupted(self, epoch, desc):
         calls.append(epoch)
@@ -270,12 +267,19 @@ def test_split_he_resumes_after_an_interrupt(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_epoch(self, epoch, desc)
 
-    monkeypatch.setattr(runner_mod.SplitRunner, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(runner_mod.SplitRunner, "train_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, out_dir)
+
+
+def test_split_he_resumes_after_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C in epoch 2: the rerun reuses the consortium key file and continues from the checkpoint."""
+    cfg = tiny_config(regime="split-he")
+    cfg.split.dp_noise_multiplier, cfg.split.dp_max_grad_norm = 1.0, 1.0
+    interrupt_in_second_epoch(cfg, tmp_path, monkeypatch)
     key = (tmp_path / "keys" / "consortium.secret").read_bytes()
     eps_after_one = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["history"][0]["epsilon"]
-    monkeypatch.setattr(runner_mod.SplitRunner, "train_epoch", real_epoch)
     metrics = run(cfg, tmp_path)
     assert (tmp_path / "keys" / "consortium.secret").read_bytes() == key
     history = (tmp_path / "history.csv").read_text().splitlines()

@@ -967,10 +967,12 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
     from splitfl.data import load_splits
     from splitfl.models import build_split_model
     from splitfl.plots import plot_learning_curves
+    from splitfl.split.runner import check_split_cut
     from splitfl.train import RunError, fit, make_fabric, make_optimizer, make_scheduler, write_run_metrics
 
     if cfg.regime not in ("split-plain", "split-he"):
         raise RunError(f"run_split_server serves split-plain / split-he, not {cfg.regime!r}")
+    check_split_cut(cfg, remote=True)  # Hello describes the head as affine layers on pooled features
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -1296,11 +1298,12 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
     different keys; the server then refuses one of them at Hello).
     """
     from splitfl.data import load_splits
-    from splitfl.split.runner import SplitRunner
+    from splitfl.split.runner import SplitRunner, check_split_cut
     from splitfl.train import RunError, make_fabric
 
     if cfg.regime not in ("split-plain", "split-he"):
         raise RunError(f"run_split_site runs split-plain / split-he hospitals, not {cfg.regime!r}")
+    check_split_cut(cfg, remote=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = config_fingerprint(cfg)

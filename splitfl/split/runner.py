@@ -33,6 +33,30 @@ from splitfl.train import epoch_loader
 SECRET_CONTEXT = "keys/consortium.secret"
 
 
+def check_split_cut(cfg: RunConfig, remote: bool = False) -> None:
+    """split-he needs a linear / MLP head on pooled features; split-plain also takes a stage cut (any head).
+
+    ``remote``: the gRPC split service, whose handshake describes the head as affine layers on pooled
+    features, so a stage cut runs in-process only.
+    """
+    from splitfl.train import RunError
+
+    if cfg.model.cut in ("pooled", "mlp"):
+        return
+    if cfg.regime == "split-he":
+        raise RunError(
+            f"model.cut={cfg.model.cut!r}: split-he runs the server head on pooled features under CKKS; "
+            "use model.cut: pooled (linear head) or mlp (linear -> activation -> linear). "
+            "Stage cuts (stage:N) are split-plain only."
+        )
+    if remote:
+        raise RunError(
+            f"model.cut={cfg.model.cut!r}: the gRPC split service (serve/join/simulate) serves linear or MLP heads "
+            "on pooled features only; run a stage cut in-process (splitfl train --regime split-plain), "
+            "or use model.cut: pooled or mlp over gRPC."
+        )
+
+
 class SplitRunner:
     """Hospitals (encoder, data, labels, loss, secret key) and the server (head), wired by a transport."""
 
@@ -44,20 +68,18 @@ class SplitRunner:
         from splitfl.train import RunError, make_optimizer, make_scheduler
 
         self.fabric, self.cfg, self.task = fabric, cfg, splits.task
-        if cfg.model.cut not in ("pooled", "mlp"):
-            raise RunError(
-                f"model.cut={cfg.model.cut!r}: split regimes run the server head on pooled features; "
-                "use model.cut: pooled (linear head) or mlp (linear -> activation -> linear)"
-            )
+        check_split_cut(cfg)
         self.split_model, report = build_split_model(cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size)
         if report is not None:
             fabric.print(str(report))
         self.device = fabric.device
         self.encoder = self.split_model.encoder.to(self.device)
         head = self.split_model.head
-        self.head_layers = head.linear_layers()
+        # pooled / mlp: the affine layers the HE server evaluates; a stage cut's head (remaining stages,
+        # pooling, classifier) is any module, run in plaintext only.
+        self.head_layers = list(head.linear_layers()) if hasattr(head, "linear_layers") else []
         self.head_activation = getattr(head, "act", None)  # between the layers of an MLP head; public architecture
-        linear = self.head_layers[0]
+        feature_shape = tuple(self.split_model.feature_dim)
         enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
         self.encoder_trainable = bool(enc_params)
         self.enc_opt = make_optimizer(enc_params, cfg.train) if enc_params else None
@@ -74,8 +96,10 @@ class SplitRunner:
         if scfg.transcript:
             recorder = TranscriptRecorder(
                 out_dir / "transcript", scfg.transcript_max_steps,
-                {"regime": cfg.regime, "in_features": linear.in_features, "num_classes": self.head_layers[-1].out_features,
-                 "head_layers": [[l.in_features, l.out_features] for l in self.head_layers],
+                {"regime": cfg.regime, "cut": cfg.model.cut, "model": cfg.model.name,
+                 "feature_shape": list(feature_shape), "num_classes": splits.task.num_outputs,
+                 "in_features": self.head_layers[0].in_features if self.head_layers else None,
+                 "head_layers": [[l.in_features, l.out_features] for l in self.head_layers] or None,
                  "batch_size": cfg.train.batch_size, "he_preset": scfg.he_preset if self.he else None,
                  "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm},
             )
@@ -91,7 +115,9 @@ class SplitRunner:
             self.server = make_server(head, head_opt, head_sched, "he", public, cfg.train.batch_size, recorder)
             self.transport: PlainTransport | HETransport = HETransport(self.server, secret, cfg.train.batch_size)
         else:
-            self.server = make_server(head, head_opt, head_sched, "plain", recorder=recorder)
+            # A linear head implies its shapes (and a remote stub takes no more); any other head is told them.
+            shapes = {} if self.head_layers else {"feature_shape": feature_shape, "num_classes": splits.task.num_outputs}
+            self.server = make_server(head, head_opt, head_sched, "plain", recorder=recorder, **shapes)
             self.transport = PlainTransport(self.server)
 
         self.noninteractive = getattr(self, "noninteractive", False)

@@ -19,11 +19,13 @@ Mode = Literal["plain", "he"]
 
 
 class SplitServer:
-    """Holds the head (a linear layer, or linear -> activation -> linear) and its optimizer.
+    """Holds the head and its optimizer: a linear layer, linear -> activation -> linear or, in plain mode, any module.
 
     ``plain`` mode: receives activations, returns logits; receives the logit
     gradient, returns the activation gradient and updates its head itself
-    (autograd through the whole head: the server sees everything).
+    (autograd through the whole head: the server sees everything). With a
+    stage cut the head is the model's remaining stages, pooling and
+    classifier, and the activations are spatial, ``(B, *feature_shape)``.
     ``he`` mode: evaluates each affine layer on ciphertexts under a public
     context (no secret key); between layers of an MLP head the hospital, the
     key holder, applies the activation and re-encrypts, so the server sees
@@ -40,11 +42,27 @@ class SplitServer:
         public_context: Optional[bytes] = None,
         batch_capacity: int = 64,
         recorder: Optional[TranscriptRecorder] = None,
+        feature_shape: Optional[tuple[int, ...]] = None,
+        num_classes: Optional[int] = None,
     ) -> None:
+        """``feature_shape`` (one sample's activation shape) and ``num_classes`` are needed for a head that is
+        not linear (plain mode only, e.g. the remaining stages of a stage cut); a linear head implies them."""
         layers = [head] if isinstance(head, nn.Linear) else list(getattr(head, "linear_layers", lambda: [])())
-        if not layers:
-            raise ProtocolError(f"the server head must be linear or expose linear_layers(), got {type(head).__name__}")
+        if layers:
+            implied = ((layers[0].in_features,), layers[-1].out_features)
+            if ((feature_shape is not None and tuple(feature_shape) != implied[0])
+                    or (num_classes is not None and num_classes != implied[1])):
+                raise ProtocolError(f"the linear head takes {implied[0]} and gives {implied[1]} outputs, but "
+                                    f"feature_shape={feature_shape}, num_classes={num_classes} were given")
+        elif mode != "plain":
+            raise ProtocolError(f"the split-he head must be linear or expose linear_layers(), got {type(head).__name__} "
+                                "(stage cuts are split-plain only)")
+        elif feature_shape is None or num_classes is None:
+            raise ProtocolError(f"a {type(head).__name__} head needs feature_shape and num_classes (the boundary checks)")
+        else:
+            implied = (tuple(int(d) for d in feature_shape), int(num_classes))
         self.head, self.layers = head, layers
+        self.feature_shape, self.num_classes = implied
         self.optimizer, self.scheduler, self.mode = optimizer, scheduler, mode
         self.recorder = recorder
         self._saved: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -91,7 +109,7 @@ class SplitServer:
         """Activations (plain) or encrypted inputs of one affine layer (HE) in, (encrypted) outputs out."""
         self._record("activations_in", payload, train, layer)
         if self.mode == "plain":
-            x = tensor_from_bytes(payload, "activations", (None, self.layers[0].in_features))
+            x = tensor_from_bytes(payload, "activations", (None, *self.feature_shape))
             if train:
                 x.requires_grad_(True)
                 with torch.enable_grad():
@@ -120,7 +138,7 @@ class SplitServer:
         gradient of its input comes back (with the weights the forward used);
         the head update arrives separately (:meth:`apply_update`).
         """
-        layer = len(self.layers) - 1 if layer is None else layer
+        layer = max(len(self.layers) - 1, 0) if layer is None else layer
         self._record("logit_grads_in", payload, True, layer)
         if self.mode == "plain":
             if self._saved is None:

@@ -29,7 +29,10 @@ def tensor_from_bytes(data: bytes, what: str, shape: tuple[int | None, ...]) -> 
         raise ProtocolError(f"{what}: not a splitfl tensor message (bad magic or empty payload)")
     ndim = data[4]
     if ndim != len(shape):
-        raise ProtocolError(f"{what}: expected a {len(shape)}-d tensor, got {ndim}-d")
+        got = struct.unpack_from(f"<{ndim}I", data, 5) if len(data) >= 5 + 4 * ndim else "?"
+        raise ProtocolError(f"{what}: expected a {len(shape)}-d tensor of shape {shape}, got {ndim}-d {got}")
+    if len(data) < 5 + 4 * ndim:
+        raise ProtocolError(f"{what}: header of a {ndim}-d tensor is truncated")
     dims = struct.unpack_from(f"<{ndim}I", data, 5)
     for got, want in zip(dims, shape):
         if want is not None and got != want:

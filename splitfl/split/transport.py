@@ -37,7 +37,12 @@ class PlainTransport(_Counting):
         self._send(msg)
         reply = self.server.forward(msg, train=train)
         self._receive(reply)
-        return tensor_from_bytes(reply, "logits", (feats.shape[0], self.server.layers[-1].out_features))
+        return tensor_from_bytes(reply, "logits", (feats.shape[0], self._num_classes()))
+
+    def _num_classes(self) -> int:
+        """From the server's head: any module with a stage cut, else its (possibly remote) affine layers."""
+        layers = self.server.layers
+        return layers[-1].out_features if layers else self.server.num_classes
 
     def backward(self, grad_logits: torch.Tensor, feats_shape: tuple[int, ...]) -> torch.Tensor:
         """The server updates its head from the saved activations and returns dL/d(activations)."""
