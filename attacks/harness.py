@@ -39,6 +39,11 @@ class AttackSettings:
     distractors: int = 200  # outside images in the re-identification pool (>= 100)
     margin: float = 0.1  # leaked: re-identified and SSIM gain over the mean image >= margin
     seed: int = 0
+    # split regimes: which activation inversions to run (white-box through the known encoder, a decoder trained
+    # on the attacker's auxiliary images, or both); iterations, lr and tv_weight set the white-box budget
+    split_attack: str = "both"
+    decoder_epochs: int = 30
+    decoder_lr: float = 1e-3
 
 
 @dataclass
@@ -93,10 +98,31 @@ def attack_fed(run_dir: Path, settings: AttackSettings, data: "SiteData") -> lis
     return out
 
 
-# Attacks per regime: (run dir, settings, data) -> reconstructions. Split regimes register theirs here too.
+def attack_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> list[Reconstruction]:
+    """Activation inversion (white-box and decoder) and, in split-he, head-update inversion (see :mod:`attacks.split_inversion`)."""
+    from attacks.split_inversion import attack_split as run
+
+    return run(run_dir, settings, data)
+
+
+def label_leakage_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> dict[str, Any] | None:
+    """Li et al.'s norm and direction label attacks on the logit gradients the server received (ROC AUC)."""
+    from attacks.split_inversion import label_leakage
+
+    return label_leakage(run_dir, settings, data)
+
+
+# Attacks per regime: (run dir, settings, data) -> reconstructions.
 ATTACKS: dict[str, Callable[[Path, AttackSettings, "SiteData"], list[Reconstruction]]] = {
     "fedavg": attack_fed,
     "fedprox": attack_fed,
+    "split-plain": attack_split,
+    "split-he": attack_split,
+}
+# Label attacks per regime (a separate metric, not images): (run dir, settings, data) -> leakage.json's label_leakage.
+LABEL_ATTACKS: dict[str, Callable[[Path, AttackSettings, "SiteData"], dict[str, Any] | None]] = {
+    "split-plain": label_leakage_split,
+    "split-he": label_leakage_split,
 }
 
 
@@ -108,6 +134,7 @@ class SiteData:
     sites: list[Any]
     outside: torch.Tensor
     image_shape: tuple[int, int, int]
+    auxiliary: torch.Tensor | None = None  # the attacker's own images (the validation split), not the hospitals'
 
     @classmethod
     def load(cls, run_cfg: Any, distractors: int) -> "SiteData":
@@ -123,7 +150,8 @@ class SiteData:
         outside = torch.stack([splits.test[i][0] for i in range(min(distractors, len(splits.test)))])
         if len(outside) < MIN_DISTRACTORS:
             raise CompareError(f"the test split has only {len(outside)} images; {MIN_DISTRACTORS} are needed as distractors")
-        return cls(splits.task, sites, outside, tuple(outside.shape[1:]))
+        auxiliary = torch.stack([splits.val[i][0] for i in range(len(splits.val))]) if len(splits.val) else None
+        return cls(splits.task, sites, outside, tuple(outside.shape[1:]), auxiliary)
 
     def images(self, site: int, indices: list[int]) -> torch.Tensor:
         import torch
@@ -172,6 +200,20 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     from attacks.scoring import ScoredImage
 
     summary.update(curves([ScoredImage(**{k: r[k] for k in ScoredImage.__dataclass_fields__}) for r in rows]))
+    by_view = {}
+    for view in summary["views"]:
+        mine = [r for r in rows if r["view"] == view]
+        ok = [r for r in mine if not math.isnan(r["ssim"])]
+        by_view[view] = {
+            "images": len(mine),
+            "leakage_rate": float(np.mean([r["leaked"] for r in mine])) if mine else 0.0,
+            "reidentified_rate": float(np.mean([r["reidentified"] for r in mine])) if mine else 0.0,
+            "ssim_mean": float(np.mean([r["ssim"] for r in ok])) if ok else None,
+            "psnr_mean": float(np.mean([r["psnr"] for r in ok])) if ok else None,
+            "mean_image_ssim_mean": float(np.mean([r["mean_ssim"] for r in ok])) if ok else None,
+            "attack_seconds": float(sum(r.seconds for r in recs if r.view == view)),
+        }
+    summary["by_view"] = by_view
     return {"summary": summary, "images": rows, "pairs": pairs}
 
 
@@ -206,22 +248,33 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
 
         with torch_threads(1):  # thousands of tiny double-backward passes: extra threads only contend
             recs = ATTACKS[variant.regime](run_dir, settings, data)
+            labels = LABEL_ATTACKS[variant.regime](run_dir, settings, data) if variant.regime in LABEL_ATTACKS else None
         scored = score(recs, data, settings)
         result = {"variant": variant.name, "regime": variant.regime, "overrides": variant.overrides,
-                  "attack": dataclasses.asdict(settings), **scored["summary"], "per_image": scored["images"]}
+                  "attack": dataclasses.asdict(settings), **scored["summary"], "label_leakage": labels,
+                  "per_image": scored["images"]}
         write_json(folder / "leakage.json", result)
         plot_montage(scored["pairs"], folder / "montage.png", f"{variant.name}: originals (top) vs reconstructions")
         s = scored["summary"]
         log(f"{head}: leakage rate {s['leakage_rate']:.0%} of {s['images']} images; mean SSIM {s['ssim_mean']}")
         results.append(result)
     if results:
-        rows = [{k: r[k] for k in ("variant", "regime", "views", "images", "leakage_rate", "reidentified_rate", "ssim_mean",
-                                   "psnr_mean", "mean_image_ssim_mean", "label_accuracy", "attack_seconds")} for r in results]
+        rows = [{**{k: r[k] for k in ("variant", "regime", "views", "images", "leakage_rate", "reidentified_rate", "ssim_mean",
+                                      "psnr_mean", "mean_image_ssim_mean", "label_accuracy", "attack_seconds")},
+                 **_label_columns(r.get("label_leakage")), "by_view": r.get("by_view", {})} for r in results]
         write_json(out / "leakage_summary.json", rows)
-        write_csv(out / "leakage_summary.csv", [dict(r, views="; ".join(r["views"])) for r in rows])
+        write_csv(out / "leakage_summary.csv", [{**{k: v for k, v in r.items() if k != "by_view"}, "views": "; ".join(r["views"])}
+                                                for r in rows])
         write_text(out / "leakage_summary.md", summary_markdown(rows, settings))
         plot_summary(results, out / "leakage_summary.png")
     return results
+
+
+def _label_columns(labels: dict[str, Any] | None) -> dict[str, Any]:
+    """Flat summary columns of the label attacks (None where the regime or run had no such view)."""
+    labels = labels or {}
+    return {"label_norm_auc": labels.get("norm_auc"), "label_direction_auc": labels.get("direction_auc"),
+            "label_n": labels.get("n"), "label_head_update_auc": labels.get("head_update_auc")}
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -241,6 +294,40 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
             f"{r['reidentified_rate']:.0%} | {_fmt(r['ssim_mean'], '.3f')} | {_fmt(r['psnr_mean'], '.1f')} | "
             f"{_fmt(r['mean_image_ssim_mean'], '.3f')} | {_fmt(r['label_accuracy'], '.0%')} |"
         )
+    split_rows = [r for r in rows if r.get("by_view") and len(r["by_view"]) > 1 or r.get("label_norm_auc") is not None
+                  or r.get("label_head_update_auc") is not None]
+    if split_rows:
+        lines += [
+            "",
+            "## Per view",
+            "",
+            "| variant | view: attack | images | leakage rate | re-identified | SSIM | PSNR (dB) | mean-image SSIM |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in split_rows:
+            for view, v in r["by_view"].items():
+                lines.append(
+                    f"| {r['variant']} | {view} | {v['images']} | {v['leakage_rate']:.0%} | {v['reidentified_rate']:.0%} | "
+                    f"{_fmt(v['ssim_mean'], '.3f')} | {_fmt(v['psnr_mean'], '.1f')} | {_fmt(v['mean_image_ssim_mean'], '.3f')} |"
+                )
+        lines += [
+            "",
+            "## Label leakage (Li et al. 2021), ROC AUC against the true labels",
+            "",
+            "| variant | regime | norm attack | direction attack | samples | head-update bias attack |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in split_rows:
+            lines.append(f"| {r['variant']} | {r['regime']} | {_fmt(r.get('label_norm_auc'), '.3f')} | "
+                         f"{_fmt(r.get('label_direction_auc'), '.3f')} | {r.get('label_n') or 0} | "
+                         f"{_fmt(r.get('label_head_update_auc'), '.3f')} |")
+        lines += [
+            "",
+            "Split attacks: white-box inversion through the known (frozen, public) encoder, Adam "
+            f"{settings.iterations} iterations, lr {settings.lr}, TV {settings.tv_weight}; decoder trained on the "
+            f"validation split (the attacker's own images), {settings.decoder_epochs} epochs. Label attacks: '—' where "
+            "the server received no such message (split-he with a frozen encoder sends no logit gradients).",
+        ]
     lines += [
         "",
         f"Attack: {settings.method}, {settings.iterations} iterations x {settings.restarts} restart(s). An image is leaked when "

@@ -18,7 +18,8 @@ import numpy as np
 def ciphertext_readout(ct: object, modulus: int) -> np.ndarray:
     """c0 of one SEAL ciphertext (its first RNS prime), centred mod ``modulus`` and divided by its scale."""
     n = ct.poly_modulus_degree()
-    coeffs = np.fromiter((ct.data(i) for i in range(n)), dtype=np.uint64, count=n)
+    words = ct.dyn_array()  # every RNS coefficient of c0, then of c1; c0's first prime comes first
+    coeffs = np.fromiter((words.at(i) for i in range(n)), dtype=np.uint64, count=n)
     centred = np.where(coeffs > modulus // 2, coeffs.astype(np.float64) - float(modulus), coeffs.astype(np.float64))
     return centred / float(ct.scale)
 
@@ -39,3 +40,26 @@ def encrypted_update_readout(payload: bytes, public_context: bytes, length: int)
     modulus = eng.context.get_context_data(cts[0].parms_id()).parms().coeff_modulus()[0].value()
     values = np.concatenate([ciphertext_readout(ct, modulus) for ct in cts])
     return values[:length] / info.count
+
+
+def zero_key_decryptor(engine: object) -> object:
+    """A SEAL Decryptor whose secret key is all zeros: ``decrypt(ct)`` is then c0, the keyless reading.
+
+    The attacker makes its own key generator (public parameters only) and zeroes the key's polynomial,
+    so the reading goes through SEAL's own decryption and CKKS decoding, slot by slot.
+    """
+    import tenseal.sealapi as sa
+
+    sk = sa.KeyGenerator(engine.context).secret_key()
+    sk.data().set_zero()
+    return sa.Decryptor(engine.context, sk)
+
+
+def ciphertext_slots_readout(ct: object, engine: object, decryptor: object | None = None) -> np.ndarray:
+    """All CKKS slots (complex) of one ciphertext decrypted with s guessed 0 and decoded at its scale."""
+    import tenseal.sealapi as sa
+
+    decryptor = decryptor if decryptor is not None else zero_key_decryptor(engine)
+    pt = sa.Plaintext()
+    decryptor.decrypt(ct, pt)
+    return np.array(engine.encoder.decode_complex(pt), dtype=np.complex128)

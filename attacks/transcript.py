@@ -4,7 +4,8 @@ splitfl's recorders (``split.transcript`` / ``fed.transcript``) write every
 message the server received or sent, byte for byte, with ``index.jsonl``
 naming them and ``meta.json`` saying what an attacker knows (the
 configuration, the architecture). The hospitals add ``ground_truth.jsonl``:
-which of their images each step used. That file is the *evaluation key*: the
+which of their images each step used (FedAvg: ``{round, site, batches}``;
+split: ``{step, site, indices}``). That file is the *evaluation key*: the
 attacks never read it, only the scoring does.
 """
 from __future__ import annotations
@@ -49,6 +50,14 @@ class Transcript:
             if entry["round"] == round_index and entry["site"] == site:
                 return entry["batches"]
         raise TranscriptError(f"{self.folder}/ground_truth.jsonl has no entry for round {round_index}, site {site}")
+
+    def split_truth(self, step: int) -> tuple[int, list[int]]:
+        """Split regimes: (site, image indices into the site's data) of one recorded training step (the evaluation key)."""
+        for entry in self.ground_truth:
+            if entry.get("step") == step and "indices" in entry:
+                return int(entry["site"]), [int(i) for i in entry["indices"]]
+        raise TranscriptError(f"{self.folder}/ground_truth.jsonl has no entry for step {step}: record the run with a "
+                              "current splitfl (the hospitals write it for every recorded split step)")
 
     def server_file(self, name: str) -> bytes | None:
         path = self.folder / name

@@ -9,6 +9,7 @@ parameters are one Adam), and ``split-he`` the same up to CKKS noise.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -101,8 +102,12 @@ class SplitRunner:
                  "in_features": self.head_layers[0].in_features if self.head_layers else None,
                  "head_layers": [[l.in_features, l.out_features] for l in self.head_layers] or None,
                  "batch_size": cfg.train.batch_size, "he_preset": scfg.he_preset if self.he else None,
-                 "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm},
+                 "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm,
+                 "config": dataclasses.asdict(cfg)},  # what the server coordinated (the attacker knows it)
             )
+        # The hospitals' evaluation key (which images each recorded step used): written next to the
+        # transcript for the attack harness's scoring, never sent to the server.
+        self._truth_recorder = recorder
         if self.he:
             from splitfl.he.keys import consortium_secret_context, public_context_bytes
 
@@ -112,6 +117,10 @@ class SplitRunner:
             self.noninteractive = cfg.model.cut == "mlp" and scfg.mlp_inference == "noninteractive"
             if self.noninteractive:
                 public = self._noninteractive_public_context(secret, head)
+            if recorder is not None:  # the server's public context, so the transcript can be read as it was held
+                from splitfl.artifacts import write_bytes
+
+                write_bytes(recorder.folder / "server_public_context.bin", public, 0o644)
             self.server = make_server(head, head_opt, head_sched, "he", public, cfg.train.batch_size, recorder)
             self.transport: PlainTransport | HETransport = HETransport(self.server, secret, cfg.train.batch_size)
         else:
@@ -229,7 +238,18 @@ class SplitRunner:
             z = self.transport.forward(inputs[-1], train=train, layer=layer)
         return z, inputs, pre
 
+    def _record_truth(self, site: int, index: torch.Tensor) -> None:
+        """Append {step, site, indices} to transcript/ground_truth.jsonl for a step the server records."""
+        rec = self._truth_recorder
+        if rec is None or not rec.active:
+            return
+        import json
+
+        with open(rec.folder / "ground_truth.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": rec.step, "site": int(site), "indices": [int(i) for i in index.tolist()]}) + "\n")
+
     def _step(self, site: int, index: torch.Tensor) -> float:
+        self._record_truth(site, index)
         data = self.sites[site]
         images, labels = data[index]
         feats = self._features(data, images, index)
