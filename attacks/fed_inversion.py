@@ -46,14 +46,9 @@ class FedObservation:
 
 def _run_config(transcript: Transcript) -> Any:
     """The RunConfig the server coordinated (the attacker knows it: it set the round's instructions)."""
-    from splitfl.compare import _run_config_parser
-    from splitfl.config import RunConfig
+    from splitfl.compare import run_config_from_dict
 
-    parser = _run_config_parser()
-    ns = parser.instantiate_classes(parser.parse_object(transcript.config))
-    import dataclasses
-
-    return RunConfig(**{f.name: ns[f.name] for f in dataclasses.fields(RunConfig)})
+    return run_config_from_dict(transcript.config)
 
 
 def build_attack_model(transcript: Transcript, num_outputs: int, n_channels: int) -> tuple[nn.Module, Any]:

@@ -177,6 +177,8 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     rows, pairs, label_acc = [], [], []
     mean_image = torch.cat([data.site_images(s) for s in range(len(data.sites))]).float().mean(dim=0)
     for rec in recs:
+        if not rec.indices:  # DP-SGD's Poisson sampling drew an empty batch: the update is noise, no image behind it
+            continue
         originals = data.images(rec.site, rec.indices)
         pool = distractor_pool(data.site_images(rec.site), rec.indices, data.outside)
         scored, paired = score_observation(rec.images, originals, rec.indices, pool, mean_image, rec.label, settings.margin)
@@ -243,7 +245,8 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
             log(f"{head}: training with the server's view recorded into {run_dir}")
             run(run_cfg, run_dir)
         data = SiteData.load(run_cfg, settings.distractors)
-        log(f"{head}: attacking the recorded server view ({settings.method}, {settings.iterations} iterations)")
+        how = (f"split_attack {settings.split_attack}" if variant.regime.startswith("split") else settings.method)
+        log(f"{head}: attacking the recorded server view ({how}, {settings.iterations} iterations)")
         from attacks.runtime import torch_threads
 
         with torch_threads(1):  # thousands of tiny double-backward passes: extra threads only contend

@@ -143,13 +143,18 @@ def variant_run_config(base: CompareConfig, variant: Variant) -> RunConfig:
     tree["regime"] = variant.regime
     for key, value in (variant.overrides or {}).items():
         _apply_override(tree, str(key), value, variant.name)
-    parser = _run_config_parser()
     try:
-        ns = parser.parse_object(tree)
-        ns = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
+        return run_config_from_dict(tree)
     except (ArgumentError, TypeError, ValueError) as exc:  # a value of the wrong type or not among the choices
         detail = " ".join(str(exc).split())
         raise CompareError(f"variant {variant.name!r}: invalid overrides {dict(variant.overrides)}: {detail}") from None
+
+
+def run_config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a plain dict (a config file's or a recorded run's), type-checked like ``splitfl train``'s."""
+    parser = _run_config_parser()
+    ns = parser.parse_object(tree)
+    ns = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
     return RunConfig(**{f.name: ns[f.name] for f in dataclasses.fields(RunConfig)})
 
 

@@ -382,3 +382,19 @@ def test_transcript_records_the_servers_view_byte_for_byte(tmp_path, secure):
     assert [(t["round"], t["site"]) for t in truth] == [(0, 0), (0, 1), (0, 2)]
     assert all(len(t["batches"]) == 1 and len(t["batches"][0]) == min(cfg.train.batch_size, len(runner.sites[t["site"]]))
                for t in truth)
+
+
+def test_dp_empty_poisson_batches_still_add_noise_and_count(tmp_path):
+    """An empty Poisson batch is a DP-SGD step too: the accountant counts every step, empty or not."""
+    cfg = fed_config()
+    cfg.fed.dp_noise_multiplier, cfg.fed.local_steps, cfg.train.batch_size = 1.0, 3, 1  # P(empty batch) ~ 0.37
+    runner = make_runner(cfg, tmp_path)
+    site = runner.sites[0]
+    torch.manual_seed(0)
+    steps, saw_empty = 0, False
+    for round_index in range(6):
+        runner.local_update(0, round_index, cfg.train.lr)
+        steps += len(site.last_batches)
+        saw_empty |= [] in site.last_batches
+    assert saw_empty and steps == 6 * 3
+    assert sum(n for _, _, n in site.accountant.history) == steps  # no step went uncounted

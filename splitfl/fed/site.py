@@ -128,7 +128,8 @@ class Site:
                     break
                 steps += 1  # an empty Poisson batch is a step too (the accountant counts it)
                 self.last_batches.append([int(i) for i in index])
-                if len(targets) == 0:  # Poisson sampling can draw an empty batch
+                if len(targets) == 0:  # Poisson sampling drew an empty batch (only under DP)
+                    self._empty_batch_dp_step(local, optimizer)
                     continue
                 images, targets = images.to(self.device), targets.to(self.device)
                 optimizer.zero_grad(set_to_none=True)
@@ -143,6 +144,19 @@ class Site:
                 count += len(targets)
         update = spec.flatten(local) - global_flat
         return update, total / max(count, 1)
+
+    def _empty_batch_dp_step(self, model: nn.Module, optimizer: Any) -> None:
+        """DP-SGD on an empty Poisson batch: the noisy sum is pure noise, and the step still costs privacy.
+
+        Skipping it would undercount epsilon (whether a batch is empty depends on the sampling) and leave out
+        noise the analysis assumes. Opacus' optimizer takes zero per-sample gradients; ExpandedWeights cannot
+        run a forward pass on zero samples, so they are set directly.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
 
     def _proximal_step(self, model: nn.Module, anchor: list[torch.Tensor], lr: float) -> None:
         """FedProx: a gradient step on mu/2 ||w - w_global||^2, taken after the optimizer's step.
