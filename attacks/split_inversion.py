@@ -20,8 +20,8 @@ What the server held, step by step (:mod:`attacks.transcript`), and what is done
   inverted with the same two attacks. The plaintext head update ``head_update_in`` is attacked
   too: for an affine layer ``W`` fed by ``a``, ``dL/dW_k = sum_i g_ik a_i`` and
   ``dL/db_k = sum_i g_ik``, so ``dL/dW_k / dL/db_k`` (row with the largest ``|dL/db_k|``) is a
-  weighted average of the batch's activations (exact at batch 1); it is inverted white-box,
-  one reconstruction per step.
+  weighted average of the batch's activations (exact at batch 1); it is inverted white-box and
+  with the decoder, one reconstruction per step each.
 
 * **Label leakage** (Li et al. 2021, "Label Leakage and Protection in Two-party Split Learning"):
   from the logit gradients the server receives (``logit_grads_in``, plaintext or ciphertexts read
@@ -279,6 +279,7 @@ def attack_split(run_dir: Any, settings: Any, data: Any) -> list[Any]:
             out.append(Reconstruction(f"step {b.step} site {b.site}", view, b.site, b.indices, part,
                                       None, seconds * len(part) / max(len(images), 1)))
 
+    decoder = None
     for attack in attacks:
         start = time.perf_counter()
         if attack == WHITEBOX:
@@ -305,6 +306,12 @@ def attack_split(run_dir: Any, settings: Any, data: Any) -> list[Any]:
                                         settings.tv_weight, settings.seed + 1)
             add(images, f"{VIEW_HEAD}: {WHITEBOX}", time.perf_counter() - start, [1] * len(head_steps),
                 _truth(transcript, head_steps))
+            if decoder is not None:  # the same decoder on the estimate
+                start = time.perf_counter()
+                with torch.no_grad():
+                    images = decoder(est)
+                add(images, f"{VIEW_HEAD}: {DECODER}", time.perf_counter() - start, [1] * len(head_steps),
+                    _truth(transcript, head_steps))
     return out
 
 
