@@ -102,6 +102,36 @@ def fed_observations(transcript: Transcript, site_sizes: list[int]) -> list[FedO
     return observations
 
 
+def aggregate_observations(transcript: Transcript, site_sizes: list[int], rounds: list[int]) -> list[FedObservation]:
+    """Each round's aggregate update, from two consecutive broadcasts: what every hospital (and the server) sees.
+
+    Secure aggregation (masks or CKKS) hides the individual updates, not their weighted mean, which becomes the
+    next global model. Inverting it is the curious fellow hospital's attack (and the server's, once the mean is
+    decrypted); it is a batch of every sampled site's images, mixed with the sites' sample-count weights.
+    """
+    from splitfl.fed.server import vector_from_bytes
+
+    cfg = transcript.config
+    fed, train = cfg["fed"], cfg["train"]
+    size = sum(int(np.prod(shape)) for _, shape, _ in transcript.meta["parameters"])
+    out = []
+    for r in rounds:
+        now, later = transcript.payload(r, "global_model"), transcript.payload(r + 1, "global_model")
+        if now is None or later is None:
+            continue  # the next broadcast was not recorded
+        info = transcript.json(r, "round_info")
+        before = vector_from_bytes(now, "global model", size)
+        mean_update = (vector_from_bytes(later, "global model", size).astype(np.float64) - before) / float(fed["server_lr"])
+        batch = int(train["batch_size"])
+        steps = [int(fed["local_epochs"]) * -(-site_sizes[k] // batch) for k in info["chosen"]]
+        if fed.get("local_steps") is not None:
+            steps = [min(n, int(fed["local_steps"])) for n in steps]
+        images = sum(min(batch, site_sizes[k]) for k in info["chosen"])
+        out.append(FedObservation(int(info["round"]), -1, "aggregate update (every hospital sees it)", mean_update,
+                                  before, float(info["lr"]), max(steps), images))
+    return out
+
+
 def _he_mask(transcript: Transcript, size: int) -> np.ndarray:
     """Which coordinates were encrypted (fed.he_layers, matched on the recorded parameter names)."""
     import fnmatch

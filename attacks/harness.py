@@ -62,6 +62,12 @@ class Reconstruction:
     images: torch.Tensor  # reconstructions, model input range
     labels: torch.Tensor | None = None  # inferred labels, where the attack infers them
     seconds: float = 0.0
+    # Images of several sites behind one message (the FedAvg aggregate): (site, index) pairs; site/indices unused.
+    sources: list[tuple[int, int]] | None = None
+
+    def originals(self) -> list[tuple[int, int]]:
+        """(site, index) of every image behind the observed message."""
+        return list(self.sources) if self.sources is not None else [(self.site, i) for i in self.indices]
 
 
 def with_transcript(run_cfg: Any, settings: AttackSettings) -> Any:
@@ -69,7 +75,8 @@ def with_transcript(run_cfg: Any, settings: AttackSettings) -> Any:
     cfg = dataclasses.replace(run_cfg)
     if cfg.regime in ("fedavg", "fedprox"):
         sites = max(1, round(cfg.fed.client_fraction * cfg.data.partition.num_sites))
-        rounds = min(cfg.train.epochs, math.ceil(settings.max_observations / sites))
+        # one round more than the site updates attacked: the next broadcast reveals each round's aggregate
+        rounds = min(cfg.train.epochs, math.ceil(settings.max_observations / sites) + 1)
         cfg.fed = dataclasses.replace(cfg.fed, transcript=True, transcript_max_rounds=max(rounds, 1))
     elif cfg.regime in ("split-plain", "split-he"):
         cfg.split = dataclasses.replace(cfg.split, transcript=True, transcript_max_steps=settings.max_observations)
@@ -80,11 +87,14 @@ def with_transcript(run_cfg: Any, settings: AttackSettings) -> Any:
 
 def attack_fed(run_dir: Path, settings: AttackSettings, data: "SiteData") -> list[Reconstruction]:
     """Gradient inversion on every recorded site update (see :mod:`attacks.fed_inversion`)."""
-    from attacks.fed_inversion import build_attack_model, fed_observations, invert
+    from attacks.fed_inversion import aggregate_observations, build_attack_model, fed_observations, invert
     from attacks.transcript import read_transcript
 
     transcript = read_transcript(run_dir / "transcript")
-    observations = fed_observations(transcript, [len(s) for s in data.sites])[: settings.max_observations]
+    sizes = [len(s) for s in data.sites]
+    individual = fed_observations(transcript, sizes)
+    rounds = sorted({o.round for o in individual[: settings.max_observations]})
+    observations = individual[: settings.max_observations] + aggregate_observations(transcript, sizes, rounds)
     model, spec = build_attack_model(transcript, data.task.num_outputs, data.task.n_channels)
     out = []
     for k, obs in enumerate(observations):
@@ -92,9 +102,16 @@ def attack_fed(run_dir: Path, settings: AttackSettings, data: "SiteData") -> lis
         result = invert(model, spec, obs, data.image_shape, settings.method, iterations=settings.iterations,
                         restarts=settings.restarts, seed=settings.seed + k, progress=False,
                         **({"lr": settings.lr, "tv_weight": settings.tv_weight} if settings.method == "ig" else {}))
-        indices = sorted({i for batch in transcript.truth(obs.round, obs.site) for i in batch})
-        out.append(Reconstruction(f"round {obs.round} site {obs.site}", obs.view, obs.site, indices, result.images,
-                                  result.labels, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        if obs.site < 0:  # the aggregate: every sampled site's images of that round
+            sources = [(site, i) for site in transcript.json(obs.round, "round_info")["chosen"]
+                       for batch in transcript.truth(obs.round, site) for i in sorted(set(batch))]
+            out.append(Reconstruction(f"round {obs.round} aggregate", obs.view, -1, [], result.images, result.labels,
+                                      seconds, sources=sources))
+        else:
+            indices = sorted({i for batch in transcript.truth(obs.round, obs.site) for i in batch})
+            out.append(Reconstruction(f"round {obs.round} site {obs.site}", obs.view, obs.site, indices, result.images,
+                                      result.labels, seconds))
     return out
 
 
@@ -177,15 +194,20 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     rows, pairs, label_acc = [], [], []
     mean_image = torch.cat([data.site_images(s) for s in range(len(data.sites))]).float().mean(dim=0)
     for rec in recs:
-        if not rec.indices:  # DP-SGD's Poisson sampling drew an empty batch: the update is noise, no image behind it
+        behind = rec.originals()
+        if not behind:  # DP-SGD's Poisson sampling drew an empty batch: the update is noise, no image behind it
             continue
-        originals = data.images(rec.site, rec.indices)
-        pool = distractor_pool(data.site_images(rec.site), rec.indices, data.outside)
-        scored, paired = score_observation(rec.images, originals, rec.indices, pool, mean_image, rec.label, settings.margin)
+        originals = torch.stack([data.sites[site][i][0] for site, i in behind])
+        true_labels = torch.stack([torch.as_tensor(data.sites[site][i][1]) for site, i in behind])
+        # the re-identification pool: every involved hospital's other images, then the outside images
+        pool = torch.cat([distractor_pool(data.site_images(site), [i for s, i in behind if s == site], data.outside[:0])
+                          for site in sorted({s for s, _ in behind})] + [data.outside])
+        scored, paired = score_observation(rec.images, originals, [i for _, i in behind], pool, mean_image, rec.label,
+                                           settings.margin)
         rows += [dict(s.as_dict(), view=rec.view, seconds=rec.seconds / max(len(scored), 1)) for s in scored]
         pairs.append((originals, paired, rec.label))
         if rec.labels is not None:
-            label_acc.append(label_accuracy(rec.labels, data.labels(rec.site, rec.indices)))
+            label_acc.append(label_accuracy(rec.labels, true_labels))
     finite = [r for r in rows if not math.isnan(r["ssim"])]
     summary = {
         "images": len(rows),
@@ -216,6 +238,13 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
             "attack_seconds": float(sum(r.seconds for r in recs if r.view == view)),
         }
     summary["by_view"] = by_view
+    # The headline is the strongest attack's view: a privacy officer needs the worst case, not an average
+    # over attacks that includes the ones that failed. Every view stays in by_view.
+    if by_view:
+        worst = max(by_view, key=lambda v: (by_view[v]["leakage_rate"], by_view[v]["ssim_mean"] or -1.0))
+        summary["worst_view"] = worst
+        for key in ("leakage_rate", "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean"):
+            summary[key] = by_view[worst][key]
     return {"summary": summary, "images": rows, "pairs": pairs}
 
 
@@ -259,11 +288,13 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
         write_json(folder / "leakage.json", result)
         plot_montage(scored["pairs"], folder / "montage.png", f"{variant.name}: originals (top) vs reconstructions")
         s = scored["summary"]
-        log(f"{head}: leakage rate {s['leakage_rate']:.0%} of {s['images']} images; mean SSIM {s['ssim_mean']}")
+        for view, v in s.get("by_view", {}).items():
+            log(f"{head}: {view}: leakage rate {v['leakage_rate']:.0%} of {v['images']} images, mean SSIM {v['ssim_mean']}")
         results.append(result)
     if results:
-        rows = [{**{k: r[k] for k in ("variant", "regime", "views", "images", "leakage_rate", "reidentified_rate", "ssim_mean",
-                                      "psnr_mean", "mean_image_ssim_mean", "label_accuracy", "attack_seconds")},
+        rows = [{**{k: r.get(k) for k in ("variant", "regime", "worst_view", "views", "images", "leakage_rate",
+                                          "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean",
+                                          "label_accuracy", "attack_seconds")},
                  **_label_columns(r.get("label_leakage")), "by_view": r.get("by_view", {})} for r in results]
         write_json(out / "leakage_summary.json", rows)
         write_csv(out / "leakage_summary.csv", [{**{k: v for k, v in r.items() if k != "by_view"}, "views": "; ".join(r["views"])}
@@ -288,12 +319,16 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
     lines = [
         "# Leakage from the server's view",
         "",
-        "| variant | regime | what the server held | images | leakage rate | re-identified | SSIM | PSNR (dB) | mean-image SSIM | label accuracy |",
+        "Headline: the strongest attack (worst view) of each variant; every view is in the per-view table.",
+        "",
+        "| variant | regime | strongest view: attack | images | leakage rate | re-identified | SSIM | PSNR (dB) | mean-image SSIM | label accuracy |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        views = r.get("by_view") or {}
+        images = views[r["worst_view"]]["images"] if r.get("worst_view") in views else r["images"]
         lines.append(
-            f"| {r['variant']} | {r['regime']} | {'; '.join(r['views'])} | {r['images']} | {r['leakage_rate']:.0%} | "
+            f"| {r['variant']} | {r['regime']} | {r.get('worst_view') or '—'} | {images} | {r['leakage_rate']:.0%} | "
             f"{r['reidentified_rate']:.0%} | {_fmt(r['ssim_mean'], '.3f')} | {_fmt(r['psnr_mean'], '.1f')} | "
             f"{_fmt(r['mean_image_ssim_mean'], '.3f')} | {_fmt(r['label_accuracy'], '.0%')} |"
         )

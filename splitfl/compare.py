@@ -220,7 +220,18 @@ def is_finished(run_dir: Path, cfg: RunConfig) -> bool:
         saved = yaml.safe_load(saved_cfg.read_text())
     except (OSError, yaml.YAMLError):
         return False
-    return isinstance(saved, dict) and _comparable(saved) == _comparable(dataclasses.asdict(cfg))
+    if not isinstance(saved, dict):
+        return False
+    # Keys added to splitfl after that run were at their defaults in it (a new key's default keeps old behaviour).
+    saved = _overlay(_normalised(dataclasses.asdict(RunConfig())), saved)
+    return _comparable(saved) == _comparable(dataclasses.asdict(cfg))
+
+
+def _overlay(base: Any, saved: Any) -> Any:
+    """``saved`` with the keys it lacks taken from ``base`` (recursively, dicts only)."""
+    if not isinstance(base, dict) or not isinstance(saved, dict):
+        return saved
+    return {**base, **{k: _overlay(base.get(k), v) for k, v in saved.items()}}
 
 
 def _history_rows(path: Path) -> list[dict[str, str]]:

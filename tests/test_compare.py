@@ -242,3 +242,23 @@ def test_section_override_merges_and_results_fall_back_to_total_bytes(tmp_path):
     row = read_result(Variant("split-he", "split-he"), run_dir)
     assert row["bytes_per_round"] == pytest.approx(300.0) and row["train_seconds"] == pytest.approx(5.0)
     assert (row["epsilon"], row["delta"]) == (2.5, 1e-5)
+
+
+def test_a_run_saved_before_a_config_key_existed_is_reused_and_a_changed_one_is_not(tmp_path):
+    """Keys added to splitfl later were at their defaults in older runs; any real difference still retrains."""
+    import dataclasses
+    import json
+
+    import yaml
+
+    from splitfl.compare import is_finished
+    from splitfl.config import RunConfig
+
+    cfg = RunConfig(regime="fedavg")
+    saved = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    del saved["fed"]["local_steps"], saved["fed"]["transcript"]  # an older splitfl had no such keys
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    (tmp_path / "metrics.json").write_text("{}")
+    assert is_finished(tmp_path, cfg)
+    assert not is_finished(tmp_path, dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, local_steps=1)))
+    assert not is_finished(tmp_path, dataclasses.replace(cfg, seed=1))
