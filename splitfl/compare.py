@@ -36,6 +36,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from splitfl.config import (
     DataConfig,
+    with_defaults,
     FedConfig,
     ModelConfig,
     RunConfig,
@@ -223,15 +224,8 @@ def is_finished(run_dir: Path, cfg: RunConfig) -> bool:
     if not isinstance(saved, dict):
         return False
     # Keys added to splitfl after that run were at their defaults in it (a new key's default keeps old behaviour).
-    saved = _overlay(_normalised(dataclasses.asdict(RunConfig())), saved)
+    saved = with_defaults(saved, _normalised(dataclasses.asdict(RunConfig())))
     return _comparable(saved) == _comparable(dataclasses.asdict(cfg))
-
-
-def _overlay(base: Any, saved: Any) -> Any:
-    """``saved`` with the keys it lacks taken from ``base`` (recursively, dicts only)."""
-    if not isinstance(base, dict) or not isinstance(saved, dict):
-        return saved
-    return {**base, **{k: _overlay(base.get(k), v) for k, v in saved.items()}}
 
 
 def _history_rows(path: Path) -> list[dict[str, str]]:

@@ -169,3 +169,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+
+
+def with_defaults(saved: Any, defaults: Any) -> Any:
+    """A saved config dict with the keys it lacks taken from ``defaults`` (recursively).
+
+    A run saved by an older splitfl lacks keys added since; it ran with their defaults (a new key's default keeps
+    the old behaviour), so comparisons for reuse and resume fill them in rather than call the configs different.
+    """
+    if not isinstance(defaults, dict) or not isinstance(saved, dict):
+        return saved
+    return {**defaults, **{k: with_defaults(v, defaults.get(k)) for k, v in saved.items()}}

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from splitfl.artifacts import save_checkpoint, write_csv, write_json, write_text
-from splitfl.config import RunConfig, TrainConfig
+from splitfl.config import RunConfig, TrainConfig, with_defaults
 from splitfl.data import DataSplits, load_splits, partition_dataset
 from splitfl.data.base import ArrayDataset
 from splitfl.metrics import TaskMetrics, make_loss
@@ -231,8 +231,9 @@ def fit(fabric: Fabric, runner: Any, cfg: RunConfig, splits: DataSplits, out_dir
             state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as exc:  # corrupt file: say so instead of a pickle traceback
             raise RunError(f"{ckpt_path}: cannot read checkpoint ({exc}); delete it to start over") from exc
-        if state.get("resume_key") != _resume_key(cfg):
-            changed = "; ".join(_differences(state.get("resume_key") or {}, _resume_key(cfg)))
+        saved_key = with_defaults(state.get("resume_key") or {}, _resume_key(RunConfig()))
+        if saved_key != _resume_key(cfg):
+            changed = "; ".join(_differences(saved_key, _resume_key(cfg)))
             raise RunError(
                 f"{out_dir} holds a run with a different configuration ({changed}); use another --out, "
                 "or delete the folder to start over"

@@ -173,3 +173,17 @@ def test_real_pneumoniamnist_learns(tmp_path, medmnist_dir):
     metrics = run(cfg, tmp_path)
     assert metrics["data"]["train"] == 2048 and metrics["data"]["test"] == 624  # official test split
     assert metrics["test"]["auroc_macro"] > 0.85
+
+
+def test_resume_accepts_a_checkpoint_saved_before_a_config_key_existed(tmp_path):
+    """A checkpoint whose resume key lacks a key added later (at its default) resumes; a changed value does not."""
+    cfg = tiny_config(**{"train.epochs": 1})
+    run(cfg, tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    del state["resume_key"]["fed"]["local_steps"]  # as written by an older splitfl
+    torch.save(state, tmp_path / "checkpoint.pt")
+    cfg.train.epochs = 2
+    with pytest.raises(RunError, match="train.epochs: 1 -> 2"):
+        run(cfg, tmp_path)
+    cfg.train.epochs = 1
+    run(cfg, tmp_path)  # nothing left to train, and no complaint about fed.local_steps
