@@ -245,6 +245,8 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
         summary["worst_view"] = worst
         for key in ("leakage_rate", "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean"):
             summary[key] = by_view[worst][key]
+        summary.update(curves([ScoredImage(**{k: r[k] for k in ScoredImage.__dataclass_fields__})
+                               for r in rows if r["view"] == worst]))
     return {"summary": summary, "images": rows, "pairs": pairs}
 
 
