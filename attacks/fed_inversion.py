@@ -44,19 +44,12 @@ class FedObservation:
     batch_size: int  # images per step (public: part of the training config)
 
 
-def _run_config(transcript: Transcript) -> Any:
-    """The RunConfig the server coordinated (the attacker knows it: it set the round's instructions)."""
-    from splitfl.compare import run_config_from_dict
-
-    return run_config_from_dict(transcript.config)
-
-
 def build_attack_model(transcript: Transcript, num_outputs: int, n_channels: int) -> tuple[nn.Module, Any]:
     """The federation's architecture as every party builds it, and its flat spec."""
     from splitfl.fed.flat import FlatSpec
     from splitfl.fed.server import build_fed_model
 
-    cfg = _run_config(transcript)
+    cfg = transcript.run_config()
     torch.manual_seed(cfg.seed)
     model = build_fed_model(cfg, num_outputs, n_channels)
     return model, FlatSpec(model)

@@ -59,13 +59,6 @@ LOGITS_KEYLESS = "logit-gradient ciphertexts read without the key"
 # ----------------------------------------------------------------------------- what the attacker knows
 
 
-def run_config(transcript: Transcript) -> Any:
-    """The run's RunConfig from the transcript's meta (the server coordinated that run)."""
-    from attacks.fed_inversion import _run_config
-
-    return _run_config(transcript)
-
-
 def known_encoder(cfg: Any, num_outputs: int, n_channels: int) -> tuple[nn.Module, tuple[int, ...]]:
     """The encoder as the hospitals built it (same config and seed: public initial or pretrained weights), eval mode."""
     from splitfl.models import build_split_model
@@ -238,7 +231,7 @@ def attack_split(run_dir: Any, settings: Any, data: Any) -> list[Any]:
     from splitfl.split.tensors import tensor_from_bytes
 
     transcript = read_transcript(run_dir / "transcript")
-    cfg = run_config(transcript)
+    cfg = transcript.run_config()
     he = cfg.regime == "split-he"
     steps = recorded_steps(transcript)[: settings.max_observations]
     if not steps:
@@ -339,7 +332,7 @@ def label_leakage(run_dir: Any, settings: Any, data: Any) -> Optional[dict[str, 
     if getattr(data.task, "multilabel", False):
         return None
     transcript = read_transcript(run_dir / "transcript")
-    cfg = run_config(transcript)
+    cfg = transcript.run_config()
     he = cfg.regime == "split-he"
     k = data.task.num_outputs
     steps = recorded_steps(transcript)[: settings.max_observations]

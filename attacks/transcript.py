@@ -35,6 +35,12 @@ class Transcript:
             raise TranscriptError(f"{self.folder}/meta.json has no 'config': record it with a current splitfl")
         return self.meta["config"]
 
+    def run_config(self) -> Any:
+        """The recorded run's RunConfig (the server coordinated that run, so the attacker knows it)."""
+        from splitfl.compare import run_config_from_dict
+
+        return run_config_from_dict(self.config)
+
     def payload(self, step: int, kind: str) -> bytes | None:
         return self.steps.get(step, {}).get(kind)
 
