@@ -77,6 +77,11 @@ def _kind(transcript: Transcript, step: int, kind: str, layer: int) -> Optional[
     return kinds.get(kind, kinds.get(f"layer{layer}_{kind}"))
 
 
+def _parts(transcript: Transcript, step: int, kind: str, layer: int) -> list[bytes]:
+    """Every message of that kind in the step, in order (a batch above the packed capacity travels in parts)."""
+    return transcript.messages(step, kind) or transcript.messages(step, f"layer{layer}_{kind}")
+
+
 def recorded_steps(transcript: Transcript) -> list[int]:
     return sorted(s for s in transcript.steps if _kind(transcript, s, "activations_in", 0) is not None)
 
@@ -254,11 +259,12 @@ def attack_split(run_dir: Any, settings: Any, data: Any) -> list[Any]:
         if public is None:
             raise TranscriptError(f"{transcript.folder}: a split-he run without server_public_context.bin")
         reader = KeylessReader(public)
-        acts = [calibrate(reader.activations(_kind(transcript, s, "activations_in", 0)), aux_mean, aux_std) for s in steps]
+        acts = [calibrate(torch.cat([reader.activations(p) for p in _parts(transcript, s, "activations_in", 0)]),
+                          aux_mean, aux_std) for s in steps]
         base = VIEW_KEYLESS
     else:
-        acts = [tensor_from_bytes(_kind(transcript, s, "activations_in", 0), "activations", (None, *feature_shape))
-                for s in steps]
+        acts = [torch.cat([tensor_from_bytes(p, "activations", (None, *feature_shape))
+                           for p in _parts(transcript, s, "activations_in", 0)]) for s in steps]
         base = VIEW_PLAIN
     read_seconds = time.perf_counter() - t0
     truth = _truth(transcript, steps)
@@ -342,9 +348,10 @@ def label_leakage(run_dir: Any, settings: Any, data: Any) -> Optional[dict[str, 
     for s in steps:
         site, indices = transcript.split_truth(s)  # evaluation key: the true labels
         y = data.labels(site, indices).reshape(-1).numpy()
-        payload = _kind(transcript, s, "logit_grads_in", last)
-        if payload is not None:
-            g = reader.logit_grads(payload) if he else tensor_from_bytes(payload, "logit gradient", (None, k))
+        payloads = _parts(transcript, s, "logit_grads_in", last)
+        if payloads:
+            g = torch.cat([reader.logit_grads(p) if he else tensor_from_bytes(p, "logit gradient", (None, k))
+                           for p in payloads])
             grads.append(g)
             labels.append(y)
         update = transcript.payload(s, "head_update_in")

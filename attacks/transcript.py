@@ -26,8 +26,13 @@ class Transcript:
 
     folder: Path
     meta: dict[str, Any]
-    steps: dict[int, dict[str, bytes]]
+    steps: dict[int, dict[str, bytes]]  # the first message of each kind in each step
     ground_truth: list[dict[str, Any]] = field(default_factory=list)
+    parts: dict[tuple[int, str], list[bytes]] = field(default_factory=dict)  # every message of a kind, in order
+
+    def messages(self, step: int, kind: str) -> list[bytes]:
+        """Every message of ``kind`` in ``step`` (several when a batch travelled in parts)."""
+        return self.parts.get((step, kind), [])
 
     @property
     def config(self) -> dict[str, Any]:
@@ -81,6 +86,7 @@ def read_transcript(folder: str | Path) -> Transcript:
         )
     meta = json.loads(meta_path.read_text())
     steps: dict[int, dict[str, bytes]] = {}
+    parts: dict[tuple[int, str], list[bytes]] = {}
     for n, line in enumerate(index_path.read_text().splitlines(), 1):
         entry = json.loads(line)
         path = folder / entry["file"]
@@ -89,7 +95,8 @@ def read_transcript(folder: str | Path) -> Transcript:
         data = path.read_bytes()
         if len(data) != entry["bytes"]:
             raise TranscriptError(f"{path} has {len(data)} bytes, the index says {entry['bytes']}: a torn write?")
-        steps.setdefault(int(entry["step"]), {})[entry["kind"]] = data
+        steps.setdefault(int(entry["step"]), {}).setdefault(entry["kind"], data)
+        parts.setdefault((int(entry["step"]), entry["kind"]), []).append(data)
     truth_path = folder / "ground_truth.jsonl"
     truth = [json.loads(line) for line in truth_path.read_text().splitlines()] if truth_path.is_file() else []
-    return Transcript(folder, meta, steps, truth)
+    return Transcript(folder, meta, steps, truth, parts)

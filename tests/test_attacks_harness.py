@@ -81,3 +81,18 @@ def test_too_few_distractors_and_unattackable_regimes_are_refused(tmp_path):
     cfg.attack.distractors = 20
     with pytest.raises(CompareError, match="at least 100"):
         run_attacks(cfg, tmp_path)
+
+
+def test_several_messages_of_one_kind_in_a_step_are_all_kept(tmp_path):
+    """A Poisson batch above the packed capacity travels in parts: none may overwrite another."""
+    from splitfl.split.transcript import TranscriptRecorder
+
+    rec = TranscriptRecorder(tmp_path, max_steps=2, meta={"config": {}})
+    rec.record("activations_in", b"first part")
+    rec.record("activations_in", b"second, longer part")
+    rec.record("head_update_in", b"update")
+    rec.next_step()
+    transcript = read_transcript(tmp_path)  # sizes in the index match the files (no torn write)
+    assert transcript.messages(0, "activations_in") == [b"first part", b"second, longer part"]
+    assert transcript.payload(0, "activations_in") == b"first part"
+    assert transcript.messages(0, "head_update_in") == [b"update"]

@@ -38,7 +38,13 @@ class TranscriptRecorder:
     def record(self, kind: str, payload: bytes) -> None:
         if not self.active:
             return
+        # A step can carry several messages of one kind (a Poisson batch larger than the packed capacity travels
+        # in parts): each gets its own file, in order, so none overwrites another.
         name = f"{self.step:06d}_{kind}.bin"
+        part = 1
+        while (self.folder / name).exists():
+            name = f"{self.step:06d}_{kind}.{part}.bin"
+            part += 1
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
