@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from splitfl.config import RunConfig
 from splitfl.data import DataSplits, partition_dataset
 from splitfl.data.base import ArrayDataset
-from splitfl.fed.aggregate import Rejection, check_update
+from splitfl.fed.aggregate import check_update
 from splitfl.fed.compress import TopKCompressor
 from splitfl.fed.flat import FlatSpec
-from splitfl.fed.server import FedServerCore, build_fed_model, vector_bytes, vector_from_bytes
+from splitfl.fed.server import FedServerCore, build_fed_model, fed_privacy_summary, vector_bytes, vector_from_bytes
 from splitfl.fed.site import Site, package_update
 from splitfl.metrics import TaskMetrics, make_loss
 
@@ -324,20 +324,18 @@ class FedRunner:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "global_flat": self.global_flat,
+            **self.core.state_dict(),  # global model, rejections, counters, site sizes
             "model": self.model.state_dict(),
             "lr": self._lr_holder.state_dict(),
             "lr_sched": self._lr_sched.state_dict() if self._lr_sched is not None else None,
             "sites": [s.state_dict() for s in self.sites],
             "residuals": [c.residual for c in self.compressors] if self.compressors is not None else None,
-            "rejections": [r.__dict__ for r in self.rejections],
-            "counters": (self.bytes_up, self.bytes_down, self.rounds_done),
             "epsilon_history": self._epsilon_history,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.global_flat = np.asarray(state["global_flat"], dtype=np.float32)
+        self.core.load_state_dict(state)
         self._lr_holder.load_state_dict(state["lr"])
         if self._lr_sched is not None and state.get("lr_sched") is not None:
             self._lr_sched.load_state_dict(state["lr_sched"])
@@ -346,8 +344,6 @@ class FedRunner:
         if self.compressors is not None:
             for c, r in zip(self.compressors, state["residuals"]):
                 c.residual = np.asarray(r, dtype=np.float32)
-        self.rejections = [Rejection(**r) for r in state["rejections"]]
-        self.bytes_up, self.bytes_down, self.rounds_done = state["counters"]
         self._epsilon_history = state["epsilon_history"]
 
     def model_state(self) -> dict[str, Any]:
@@ -360,18 +356,11 @@ class FedRunner:
         return dict(self._extras)
 
     def result_extras(self) -> dict[str, Any]:
-        fed = self.cfg.fed
         out = self.core.summary(len(self.sites))
         if self.dp:
-            per_site = [s.epsilon() for s in self.sites]
-            out["privacy"] = {
-                "epsilon": max(per_site),
-                "epsilon_per_site": per_site,
-                "epsilon_per_round": self._epsilon_history,
-                "delta": fed.dp_delta,
-                "noise_multiplier_per_site": [s.noise_multiplier for s in self.sites],
-                "max_grad_norm": fed.dp_max_grad_norm,
-                "target_epsilon": fed.dp_target_epsilon,
-                "accountant": "opacus RDP per site, DP-SGD with Poisson sampling (sample-level DP at each hospital)",
-            }
+            out["privacy"] = fed_privacy_summary(
+                self.cfg, [s.epsilon() for s in self.sites], self._epsilon_history,
+                "opacus RDP per site, DP-SGD with Poisson sampling (sample-level DP at each hospital)",
+                noise_multipliers=[s.noise_multiplier for s in self.sites],
+            )
         return out

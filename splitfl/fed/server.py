@@ -32,7 +32,7 @@ from splitfl.fed.compress import decompress
 from splitfl.fed.site import _seed
 from splitfl.split.tensors import tensor_from_bytes, tensor_to_bytes
 
-__all__ = ["FedServerCore", "RoundAcc", "build_fed_model", "sample_sites", "vector_bytes", "vector_from_bytes"]
+__all__ = ["FedServerCore", "RoundAcc", "build_fed_model", "fed_privacy_summary", "sample_sites", "vector_bytes", "vector_from_bytes"]
 
 
 def vector_bytes(values: np.ndarray) -> bytes:
@@ -73,6 +73,25 @@ def build_fed_model(cfg: RunConfig, num_outputs: int, n_channels: int, log: Call
         if errors:
             raise RunError(f"model {cfg.model.name} cannot be trained with Opacus DP-SGD: {errors[0]}")
     return model
+
+
+def fed_privacy_summary(cfg: RunConfig, per_site: list[float], history: list[list[float]], accountant: str,
+                        noise_multipliers: list[float] | None = None) -> dict[str, Any]:
+    """metrics.json's ``privacy`` section of a DP FedAvg run (in-process, or from the epsilons sites reported).
+
+    A site that never reported is NaN in ``per_site`` and left out of the maximum.
+    """
+    fed = cfg.fed
+    out: dict[str, Any] = {
+        "epsilon": float(np.nanmax(per_site)),
+        "epsilon_per_site": per_site,
+        "epsilon_per_round": history,
+        "delta": fed.dp_delta,
+    }
+    if noise_multipliers is not None:
+        out["noise_multiplier_per_site"] = noise_multipliers
+    out.update({"max_grad_norm": fed.dp_max_grad_norm, "target_epsilon": fed.dp_target_epsilon, "accountant": accountant})
+    return out
 
 
 @dataclass

@@ -81,7 +81,7 @@ import numpy as np
 import torch
 
 from splitfl.config import RunConfig
-from splitfl.fed.server import FedServerCore, RoundAcc, build_fed_model, vector_bytes, vector_from_bytes
+from splitfl.fed.server import FedServerCore, RoundAcc, build_fed_model, fed_privacy_summary, vector_bytes, vector_from_bytes
 from splitfl.net import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_REPLAY_WINDOW,
@@ -976,19 +976,14 @@ class RemoteFedRunner:
         return dict(self._extras)
 
     def result_extras(self) -> dict[str, Any]:
-        fed, core = self.cfg.fed, self.core
+        core = self.core
         out = core.summary(self.server.num_sites, transport="gRPC, one process per party")
         if self.server.epsilons:
             per_site = [self.server.epsilons.get(i, math.nan) for i in range(self.server.num_sites)]
-            out["privacy"] = {
-                "epsilon": float(np.nanmax(per_site)),
-                "epsilon_per_site": per_site,
-                "epsilon_per_round": self._epsilon_history,
-                "delta": fed.dp_delta,
-                "max_grad_norm": fed.dp_max_grad_norm,
-                "target_epsilon": fed.dp_target_epsilon,
-                "accountant": "opacus RDP per site, reported by the sites (sample-level DP at each hospital)",
-            }
+            out["privacy"] = fed_privacy_summary(
+                self.cfg, per_site, self._epsilon_history,
+                "opacus RDP per site, reported by the sites (sample-level DP at each hospital)",
+            )
         return out
 
 

@@ -925,9 +925,8 @@ class RemoteServerRunner:
         return dict(self._extras)
 
     def result_extras(self) -> dict[str, Any]:
-        from splitfl.split.runner import privacy_summary
+        from splitfl.split.runner import privacy_summary, wire_summary
 
-        samples = max(self.train_samples, 1)
         cfg = self.cfg
         out: dict[str, Any] = {
             "protocol": {
@@ -939,13 +938,7 @@ class RemoteServerRunner:
                 "transport": "grpc",
                 "encoder_relay": self.coord.relay,
             },
-            "wire": {
-                "train_bytes_up": self.train_bytes_up,
-                "train_bytes_down": self.train_bytes_down,
-                "bytes_per_sample_up": self.train_bytes_up / samples,
-                "bytes_per_sample_down": self.train_bytes_down / samples,
-                "bytes_per_round": (self.train_bytes_up + self.train_bytes_down) / max(self.epochs_done, 1),
-            },
+            "wire": wire_summary(self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done),
         }
         if self.dp:  # as the in-process run reports it, from the epsilons the hospitals reported at EndEpoch
             out["privacy"] = privacy_summary(cfg, self.epsilon_per_site())

@@ -374,7 +374,6 @@ class SplitRunner:
         return dict(self._extras)
 
     def result_extras(self) -> dict[str, Any]:
-        samples = max(self.train_samples, 1)
         out: dict[str, Any] = {
             "protocol": {
                 "regime": self.cfg.regime,
@@ -384,14 +383,7 @@ class SplitRunner:
                 "he_preset": self.cfg.split.he_preset if self.he else None,
                 "server_has_secret_key": self.server.has_secret_key(),
             },
-            "wire": {
-                "train_bytes_up": self.train_bytes_up,
-                "train_bytes_down": self.train_bytes_down,
-                "bytes_per_sample_up": self.train_bytes_up / samples,
-                "bytes_per_sample_down": self.train_bytes_down / samples,
-                # a "round" of split training is one epoch over every hospital's data
-                "bytes_per_round": (self.train_bytes_up + self.train_bytes_down) / max(self.epochs_done, 1),
-            },
+            "wire": wire_summary(self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done),
         }
         if self.dp:
             out["privacy"] = privacy_summary(self.cfg, [self.site_epsilon(s) for s in range(len(self.accountants))])
@@ -399,6 +391,19 @@ class SplitRunner:
 
     def close(self) -> None:
         self._feature_cache.clear()
+
+
+def wire_summary(bytes_up: int, bytes_down: int, samples: int, epochs: int) -> dict[str, Any]:
+    """metrics.json's ``wire`` section of a split run (in-process or the gRPC server's count)."""
+    samples = max(samples, 1)
+    return {
+        "train_bytes_up": bytes_up,
+        "train_bytes_down": bytes_down,
+        "bytes_per_sample_up": bytes_up / samples,
+        "bytes_per_sample_down": bytes_down / samples,
+        # a "round" of split training is one epoch over every hospital's data
+        "bytes_per_round": (bytes_up + bytes_down) / max(epochs, 1),
+    }
 
 
 def privacy_summary(cfg: RunConfig, epsilon_per_site: list[float]) -> dict[str, Any]:
