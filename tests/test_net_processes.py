@@ -64,7 +64,7 @@ def _run_with_kills(fed: Federation, sites: int, victim: int, victim_done: str) 
     mark = len(fed.log(name))
     fed.start_site(victim)
     wait_for(lambda: "joined run" in fed.log(name)[mark:], 120, f"{name} to rejoin")
-    wait_for(lambda: len(fed.history()) >= 2, 180, "epoch 2's checkpoint")
+    wait_for(lambda: len(fed.history()) >= 2, 180, "epoch 2's checkpoint", poll=0.02)
     _killed(fed, "server")
     fed.start_server()
     remote = fed.wait_server(timeout=180)
@@ -80,6 +80,9 @@ def _run_with_kills(fed: Federation, sites: int, victim: int, victim_done: str) 
 def test_split_he_processes_survive_a_killed_hospital_and_a_killed_server(tmp_path):
     cfg = split_config("split-he", freeze=True, epochs=3)
     cfg.train.lr = 1e-2  # the linear probe moves visibly from epoch to epoch: the per-epoch comparison means something
+    # 24 steps per epoch, not 3: the server must still be in epoch 3 when the test kills it after epoch 2's
+    # checkpoint (with 3 steps a quiet machine finished epoch 3 in 0.1 s, before the kill landed).
+    cfg.train.batch_size = 4
     local = _reference(cfg, tmp_path / "local")
 
     fed = Federation(cfg, tmp_path / "remote", round_timeout=60)
