@@ -98,7 +98,9 @@ def test_split_he_processes_survive_a_killed_hospital_and_a_killed_server(tmp_pa
         assert "epoch 2:" in fed.log("site-1")[mark:]  # the restarted process trained epoch 2
         rows = fed.history()
         assert [int(r["sites_skipped"]) for r in rows] == [0, 0, 0]  # nobody was dropped: every step happened
-        _same_run(remote, rows, local, tmp_path / "local", auroc_tol=1e-6, loss_tol=1e-4)
+        # CKKS noise in the encrypted forward can swap a near-tied pair of validation scores (seen once: 2.4e-4
+        # in AUROC, with losses equal to 1e-8); 1e-3 allows a few such swaps, the losses stay within 1e-4
+        _same_run(remote, rows, local, tmp_path / "local", auroc_tol=1e-3, loss_tol=1e-4)
         assert remote["protocol"]["server_has_secret_key"] is False
     finally:
         fed.close()
