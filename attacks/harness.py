@@ -44,6 +44,9 @@ class AttackSettings:
     split_attack: str = "both"
     decoder_epochs: int = 30
     decoder_lr: float = 1e-3
+    # split regimes with a trainable encoder: the curious fellow hospital inverts the relayed encoder's update
+    # (attacks.fellow_inversion); its budget, with lr and tv_weight above
+    fellow_iterations: int = 4000
 
 
 @dataclass
@@ -116,10 +119,17 @@ def attack_fed(run_dir: Path, settings: AttackSettings, data: "SiteData") -> lis
 
 
 def attack_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> list[Reconstruction]:
-    """Activation inversion (white-box and decoder) and, in split-he, head-update inversion (see :mod:`attacks.split_inversion`)."""
+    """The server's view: activation inversion (white-box and decoder) and, in split-he, head-update inversion
+    (:mod:`attacks.split_inversion`); with a relayed (trainable) encoder, also the curious fellow hospital's
+    view (:mod:`attacks.fellow_inversion`)."""
+    from attacks.fellow_inversion import attack_relay
     from attacks.split_inversion import attack_split as run
+    from attacks.transcript import read_transcript
 
-    return run(run_dir, settings, data)
+    recs = run(run_dir, settings, data)
+    if (run_dir / "relay").is_dir():
+        recs += attack_relay(run_dir, settings, data, read_transcript(run_dir / "transcript"))
+    return recs
 
 
 def label_leakage_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> dict[str, Any] | None:
@@ -239,9 +249,20 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
         }
     summary["by_view"] = by_view
     # The headline is the strongest attack's view: a privacy officer needs the worst case, not an average
-    # over attacks that includes the ones that failed. Every view stays in by_view.
-    if by_view:
-        worst = max(by_view, key=lambda v: (by_view[v]["leakage_rate"], by_view[v]["ssim_mean"] or -1.0))
+    # over attacks that includes the ones that failed. Every view stays in by_view. The server and a fellow
+    # hospital are separate threat models: the headline is the server's, the fellow hospital's worst is beside it.
+    from attacks.fellow_inversion import FELLOW_PREFIX
+
+    def strongest(views: list[str]) -> str:
+        return max(views, key=lambda v: (by_view[v]["leakage_rate"], by_view[v]["ssim_mean"] or -1.0))
+
+    fellow = [v for v in by_view if v.startswith(FELLOW_PREFIX)]
+    summary["fellow_view"] = strongest(fellow) if fellow else None
+    summary["fellow_leakage_rate"] = by_view[summary["fellow_view"]]["leakage_rate"] if fellow else None
+    summary["fellow_ssim_mean"] = by_view[summary["fellow_view"]]["ssim_mean"] if fellow else None
+    server_views = [v for v in by_view if not v.startswith(FELLOW_PREFIX)]
+    if server_views:
+        worst = strongest(server_views)
         summary["worst_view"] = worst
         for key in ("leakage_rate", "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean"):
             summary[key] = by_view[worst][key]
@@ -296,7 +317,8 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
     if results:
         rows = [{**{k: r.get(k) for k in ("variant", "regime", "worst_view", "views", "images", "leakage_rate",
                                           "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean",
-                                          "label_accuracy", "attack_seconds")},
+                                          "label_accuracy", "attack_seconds", "fellow_leakage_rate",
+                                          "fellow_ssim_mean")},
                  **_label_columns(r.get("label_leakage")), "by_view": r.get("by_view", {})} for r in results]
         write_json(out / "leakage_summary.json", rows)
         write_csv(out / "leakage_summary.csv", [{**{k: v for k, v in r.items() if k != "by_view"}, "views": "; ".join(r["views"])}
@@ -313,6 +335,13 @@ def _label_columns(labels: dict[str, Any] | None) -> dict[str, Any]:
             "label_n": labels.get("n"), "label_head_update_auc": labels.get("head_update_auc")}
 
 
+def _fellow(row: dict[str, Any]) -> str:
+    """The fellow-hospital column: '—' where no hospital-to-hospital message was attacked."""
+    if row.get("fellow_leakage_rate") is None:
+        return "—"
+    return f"{row['fellow_leakage_rate']:.0%} ({_fmt(row.get('fellow_ssim_mean'), '.3f')})"
+
+
 def _fmt(x: Any, spec: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -321,10 +350,12 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
     lines = [
         "# Leakage from the server's view",
         "",
-        "Headline: the strongest attack (worst view) of each variant; every view is in the per-view table.",
+        "Headline: the server's strongest attack (worst view) of each variant; every view is in the per-view table. "
+        "The last column is a separate threat model: a curious fellow hospital inverting the encoder relayed to it "
+        "(split learning with a trainable encoder).",
         "",
-        "| variant | regime | strongest view: attack | images | leakage rate | re-identified | SSIM | PSNR (dB) | mean-image SSIM | label accuracy |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | regime | strongest view: attack | images | leakage rate | re-identified | SSIM | PSNR (dB) | mean-image SSIM | label accuracy | fellow hospital: leakage (SSIM) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         views = r.get("by_view") or {}
@@ -332,7 +363,7 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
         lines.append(
             f"| {r['variant']} | {r['regime']} | {r.get('worst_view') or '—'} | {images} | {r['leakage_rate']:.0%} | "
             f"{r['reidentified_rate']:.0%} | {_fmt(r['ssim_mean'], '.3f')} | {_fmt(r['psnr_mean'], '.1f')} | "
-            f"{_fmt(r['mean_image_ssim_mean'], '.3f')} | {_fmt(r['label_accuracy'], '.0%')} |"
+            f"{_fmt(r['mean_image_ssim_mean'], '.3f')} | {_fmt(r['label_accuracy'], '.0%')} | {_fellow(r)} |"
         )
     split_rows = [r for r in rows if r.get("by_view") and len(r["by_view"]) > 1 or r.get("label_norm_auc") is not None
                   or r.get("label_head_update_auc") is not None]

@@ -27,7 +27,7 @@ from splitfl.data.base import ArrayDataset
 from splitfl.metrics import TaskMetrics, make_loss
 from splitfl.models import build_split_model
 from splitfl.split.server import SplitServer
-from splitfl.split.transcript import TranscriptRecorder
+from splitfl.split.transcript import RelayRecorder, TranscriptRecorder
 from splitfl.split.transport import HETransport, PlainTransport
 from splitfl.train import epoch_loader
 
@@ -108,6 +108,10 @@ class SplitRunner:
         # The hospitals' evaluation key (which images each recorded step used): written next to the
         # transcript for the attack harness's scoring, never sent to the server.
         self._truth_recorder = recorder
+        # With a trainable encoder the hospitals relay it to each other: record what each one receives, for the
+        # curious-fellow-hospital attack (the server never sees these weights).
+        self._relay = (RelayRecorder(out_dir / "relay", self._encoder_flat())
+                       if recorder is not None and self.encoder_trainable else None)
         if self.he:
             from splitfl.he.keys import consortium_secret_context, public_context_bytes
 
@@ -248,7 +252,13 @@ class SplitRunner:
         with open(rec.folder / "ground_truth.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": rec.step, "site": int(site), "indices": [int(i) for i in index.tolist()]}) + "\n")
 
+    def _encoder_flat(self) -> torch.Tensor:
+        """The encoder's trainable weights as one vector: what a hospital relays to the next."""
+        return torch.cat([p.detach().flatten().cpu().float() for p in self.encoder.parameters() if p.requires_grad])
+
     def _step(self, site: int, index: torch.Tensor) -> float:
+        rec = self._truth_recorder
+        relay_step = rec.step if self._relay is not None and rec.active else None
         self._record_truth(site, index)
         data = self.sites[site]
         images, labels = data[index]
@@ -276,6 +286,8 @@ class SplitRunner:
             self.enc_opt.zero_grad(set_to_none=True)
             feats.backward(grad_feats.to(feats.device, feats.dtype))
             self.enc_opt.step()
+            if relay_step is not None:
+                self._relay.record(relay_step, site, self.enc_opt.param_groups[0]["lr"], self._encoder_flat())
         return float(loss.item())
 
     # ------------------------------------------------------------------ runner protocol (see splitfl.train.fit)

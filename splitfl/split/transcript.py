@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from splitfl.artifacts import _atomic
 
@@ -56,3 +59,37 @@ class TranscriptRecorder:
 
     def next_step(self) -> None:
         self.step += 1
+
+
+class RelayRecorder:
+    """Record what each hospital receives from the one before it: the relayed encoder's trainable weights.
+
+    In sequential split learning the encoder travels hospital to hospital, so the
+    next hospital can subtract the version it last held from the one it receives
+    and read the other hospitals' encoder updates. The server never sees these
+    messages; the attack harness reads them as a curious fellow hospital would
+    (:mod:`attacks.fellow_inversion`). Layout::
+
+        relay/initial.bin       flat trainable encoder weights before the first step (public initial weights)
+        relay/000003.bin        the weights sent on after step 3
+        relay/index.jsonl       {"step", "site" (the sender), "lr", "file"} per recorded step
+    """
+
+    def __init__(self, folder: str | Path, initial: "torch.Tensor") -> None:
+        from splitfl.artifacts import write_bytes
+        from splitfl.split.tensors import tensor_to_bytes
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._index = self.folder / "index.jsonl"
+        if not (self.folder / "initial.bin").exists():  # a resumed run keeps the first run's initial weights
+            write_bytes(self.folder / "initial.bin", tensor_to_bytes(initial), 0o644)
+
+    def record(self, step: int, site: int, lr: float, weights: "torch.Tensor") -> None:
+        from splitfl.artifacts import write_bytes
+        from splitfl.split.tensors import tensor_to_bytes
+
+        name = f"{step:06d}.bin"
+        write_bytes(self.folder / name, tensor_to_bytes(weights), 0o644)
+        with open(self._index, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), "site": int(site), "lr": float(lr), "file": name}) + "\n")
