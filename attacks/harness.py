@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,7 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     from attacks.scoring import curves, distractor_pool, label_accuracy, score_observation
 
     rows, pairs, label_acc = [], [], []
+    pairs_by_view: dict[str, list[Any]] = {}
     mean_image = torch.cat([data.site_images(s) for s in range(len(data.sites))]).float().mean(dim=0)
     for rec in recs:
         behind = rec.originals()
@@ -216,6 +218,7 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
                                            settings.margin)
         rows += [dict(s.as_dict(), view=rec.view, seconds=rec.seconds / max(len(scored), 1)) for s in scored]
         pairs.append((originals, paired, rec.label))
+        pairs_by_view.setdefault(rec.view, []).append((originals, paired, rec.label))
         if rec.labels is not None:
             label_acc.append(label_accuracy(rec.labels, true_labels))
     finite = [r for r in rows if not math.isnan(r["ssim"])]
@@ -268,7 +271,7 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
             summary[key] = by_view[worst][key]
         summary.update(curves([ScoredImage(**{k: r[k] for k in ScoredImage.__dataclass_fields__})
                                for r in rows if r["view"] == worst]))
-    return {"summary": summary, "images": rows, "pairs": pairs}
+    return {"summary": summary, "images": rows, "pairs": pairs, "pairs_by_view": pairs_by_view}
 
 
 def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = None,
@@ -310,6 +313,10 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
                   "per_image": scored["images"]}
         write_json(folder / "leakage.json", result)
         plot_montage(scored["pairs"], folder / "montage.png", f"{variant.name}: originals (top) vs reconstructions")
+        if len(scored["pairs_by_view"]) > 1:  # one montage per view too, so every attack's actual outputs are shown
+            for view, view_pairs in scored["pairs_by_view"].items():
+                slug = re.sub(r"[^a-z0-9]+", "-", view.lower()).strip("-")
+                plot_montage(view_pairs, folder / f"montage_{slug}.png", f"{variant.name}, {view}")
         s = scored["summary"]
         for view, v in s.get("by_view", {}).items():
             log(f"{head}: {view}: leakage rate {v['leakage_rate']:.0%} of {v['images']} images, mean SSIM {v['ssim_mean']}")
