@@ -13,6 +13,7 @@ from typing import Callable, Optional
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from attacks.harness import build_attack_parser, cmd_attack
+from interpret.report import build_report_parser, cmd_report
 from splitfl.compare import CompareError, build_compare_parser, cmd_compare
 from splitfl.config import RunConfig
 
@@ -23,9 +24,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from splitfl.models import ModelError
     from splitfl.train import RunError
 
+    from interpret.images import ImageInputError
+    from interpret.model_loading import RunLoadError
+    from interpret.report import ReportError
     from splitfl.net.certs import PkiError
 
-    return (DataError, ModelError, RunError, CompareError, PkiError, FileNotFoundError)
+    return (DataError, ModelError, RunError, CompareError, PkiError, FileNotFoundError, ReportError, RunLoadError,
+            ImageInputError)
 
 
 def _run_parser(description: str) -> ArgumentParser:
@@ -53,6 +58,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("train", train, help="train a model")
     sub.add_subcommand("compare", build_compare_parser(), help="run several regimes on one task and tabulate them")
     sub.add_subcommand("attack", build_attack_parser(), help="measure what a curious server can reconstruct in each regime")
+    sub.add_subcommand("report", build_report_parser(), help="explain a trained model's predictions in an HTML report")
 
     certs = ArgumentParser(description="Make a development CA, a server certificate, one client certificate and token per site.")
     certs.add_argument("--out", type=str, required=True, help="folder for the PKI (ca/, server/, sites/<name>/)")
@@ -169,6 +175,7 @@ COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
     ("train",): cmd_train,
     ("compare",): cmd_compare,
     ("attack",): cmd_attack,
+    ("report",): cmd_report,
     ("certs",): cmd_certs,
     ("serve",): cmd_serve,
     ("join",): cmd_join,
