@@ -242,6 +242,10 @@ def deletion_insertion(
 
     gen = torch.Generator().manual_seed(int(seed))
     ranking = maps.abs() if rank_by == "abs" else maps
+    # Ties (a flat Grad-CAM map, ReLU'd zeros) are broken at random, not in raster order: a map that ranks
+    # nothing must score like a random map, not like "delete the top rows first".
+    scale = ranking.flatten(1).abs().amax(1).clamp_min(1e-30)[:, None, None] * 1e-6
+    ranking = ranking + scale * torch.rand(ranking.shape, generator=gen)
     with eval_mode(model), tqdm(total=2 * b * (1 + n_random), desc="deletion/insertion", unit="img",
                                 disable=not progress, leave=False) as bar:
         dele, ins = run(ranking, bar)

@@ -60,6 +60,10 @@ class TrainedRun:
 
 
 def _read_payload(path: Path) -> dict[str, Any]:
+    if not path.is_file() and (path.parent / "sites").is_dir():
+        sites = sorted(p.name for p in (path.parent / "sites").iterdir() if (p / "best_model.pt").is_file())
+        raise RunLoadError(f"{path.parent}: a 'local' run keeps one model per hospital; pass one of them, e.g. "
+                           f"--run {path.parent / 'sites' / (sites[0] if sites else 'site_0')}")
     if not path.is_file():
         raise RunLoadError(f"{path}: no best_model.pt; pass the output folder of a finished `splitfl train` run "
                            "(it holds best_model.pt, metrics.json and config.yaml)")

@@ -24,6 +24,7 @@ import torch
 
 from interpret.attributions import METHODS
 
+SATURATED_AUC = 0.98  # random-map deletion AUC above this: the target probability barely moves, no verdict
 RANDOMISATION_LIMIT = 0.5  # mean |rank correlation| with the randomised model's maps above this: the map ignores the weights
 METHOD_LABELS = {
     "integrated_gradients": "Integrated Gradients",
@@ -135,7 +136,12 @@ def trust_rows(checks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         i, ir = _mean(c["insertion_auc"]), _mean(c["random_insertion_auc"])
         rho = _mean([abs(v) for v in c["randomised_spearman"]])
         faithful = d is not None and dr is not None and d < dr
-        problems = [] if faithful else ["no better than random at deletion"]
+        saturated = dr is not None and dr > SATURATED_AUC
+        problems = []
+        if saturated:  # removing random pixels leaves the probability at ~1: deletion cannot tell maps apart
+            problems.append("deletion test inconclusive (the prediction hardly changes as pixels are removed)")
+        elif not faithful:
+            problems.append("no better than random at deletion")
         if rho is None:
             problems.append("randomisation test undefined (flat maps)")
         elif rho >= RANDOMISATION_LIMIT:

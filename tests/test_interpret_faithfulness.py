@@ -99,6 +99,18 @@ def test_gradcam_beats_random_on_deletion(trained, batch) -> None:
     assert s["deletion_auc"] < s["random_deletion_auc"] - 0.1, s
 
 
+def test_a_flat_map_scores_like_a_random_map_not_like_raster_order(trained, batch) -> None:
+    """Ties are broken at random: an all-zero map (e.g. a ReLU'd Grad-CAM) carries no ranking."""
+    x, pred = batch
+    flat = deletion_insertion(trained, x, pred, torch.zeros(x.shape[0], 28, 28), n_random=4, seed=1)
+    # raster order (what a stable sort of equal values gives) deletes the top rows first
+    raster = torch.arange(28 * 28, 0, -1, dtype=torch.float32).view(1, 28, 28).expand(x.shape[0], -1, -1)
+    ordered = deletion_insertion(trained, x, pred, raster, n_random=0)
+    gap = abs(flat["summary"]["deletion_auc"] - flat["summary"]["random_deletion_auc"])
+    assert gap < 0.1, flat["summary"]  # one random draw against the mean of four, on 8 images
+    assert not np.allclose(flat["deletion_curve"], ordered["deletion_curve"], atol=1e-3)
+
+
 def test_curve_endpoints_are_the_model_itself(trained, batch, ig_maps) -> None:
     """Step 0 of deletion and the last step of insertion are the untouched image; the ends are the start images."""
     x, pred = batch

@@ -206,3 +206,25 @@ def test_real_pneumoniamnist_file_loads_as_the_run_saw_it(medmnist_dir):
     raw = np.load(path)["test_images"][10:18]
     assert torch.allclose(imgs.x[:, 0], torch.from_numpy(raw).float() / 127.5 - 1, atol=1e-6)
     assert set(imgs.labels.tolist()) <= {0, 1}
+
+
+def _checks(deletion, random_deletion, rho):
+    return {"deletion_auc": [deletion], "insertion_auc": [0.9], "random_deletion_auc": [random_deletion],
+            "random_insertion_auc": [0.8], "randomised_spearman": [rho], "infidelity": [0.1], "sensitivity": None}
+
+
+def test_trust_verdicts_say_what_failed():
+    from interpret.report import trust_rows
+
+    rows = {r["method"]: r["verdict"] for r in trust_rows({
+        "good": _checks(0.3, 0.8, 0.1),
+        "unfaithful": _checks(0.85, 0.8, 0.1),
+        "edges": _checks(0.3, 0.8, -0.7),  # |rho| counts: an inverted copy of the map is still the image
+        "flat": _checks(0.3, 0.8, float("nan")),
+        "saturated": _checks(0.995, 0.999, 0.1),
+    })}
+    assert rows["good"] == "passes"
+    assert rows["unfaithful"] == "caution: no better than random at deletion"
+    assert rows["edges"] == "caution: survives weight randomisation"
+    assert rows["flat"] == "caution: randomisation test undefined (flat maps)"
+    assert rows["saturated"].startswith("caution: deletion test inconclusive")
