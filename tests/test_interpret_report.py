@@ -228,3 +228,23 @@ def test_trust_verdicts_say_what_failed():
     assert rows["edges"] == "caution: survives weight randomisation"
     assert rows["flat"] == "caution: randomisation test undefined (flat maps)"
     assert rows["saturated"].startswith("caution: deletion test inconclusive")
+
+
+def test_a_split_vit_run_is_explained_through_its_token_grid(tmp_path):
+    """A ViT trained split-plain: the report rebuilds encoder + head and runs Grad-CAM on the patch-token grid."""
+    cfg = RunConfig(
+        regime="split-plain", seed=0,
+        data=DataConfig(source="synthetic", modality="xray", n_train=64, n_val=32, n_test=32, size=32,
+                        partition=PartitionConfig(scheme="iid", num_sites=2)),
+        model=ModelConfig(name="vit_tiny_patch16_224", small_input_stem=True, timm_kwargs={"depth": 2}),
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, progress=False, accelerator="cpu"),
+    )
+    run(cfg, tmp_path / "vit")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", images=images)
+    numbers = build_report(tmp_path / "vit", tmp_path / "imgs.npz", tmp_path / "vit.html",
+                           ReportOptions(methods=("gradcam", "integrated_gradients"), n_images=3, sensitivity_images=1,
+                                         progress=False), log=lambda _: None)
+    assert numbers["regime"] == "split-plain" and numbers["labels"] is None
+    assert [r["method"] for r in numbers["trust"]] == ["gradcam", "integrated_gradients"]
+    assert "true label unknown" in (tmp_path / "vit.html").read_text()
