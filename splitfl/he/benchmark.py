@@ -345,6 +345,104 @@ def run_mlp_benchmark(batch: int, dim: int, classes: int, hidden: int, repeats: 
     }
 
 
+def run_full_benchmark(batch: int = 64, dim: int = 512, classes: int = 5, repeats: int = 5, seed: int = 0,
+                       lr: float = 0.05) -> dict[str, Any]:
+    """One training step of the head (forward, loss gradient, backward with dL/dx, SGD update), side by side:
+
+    * split-plain: float32 tensors on the wire, the server's torch head;
+    * split-he: activations and logit gradients encrypted, plaintext weights (preset ``default``); the
+      server applies the hospital's batch-aggregated plaintext update;
+    * split-he-full: weights encrypted too (preset ``full``), the update computed on ciphertexts.
+    """
+    from .encrypted_head import EncryptedLinearHead, FullHeadHospital, FullHeadLayout, full_public_context_bytes
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=g).double()
+    y = torch.randint(0, classes, (batch,), generator=g)
+    lin = torch.nn.Linear(dim, classes).double()
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+
+    def logit_grad(logits: torch.Tensor) -> torch.Tensor:
+        z = logits.double().clone().requires_grad_(True)
+        F.cross_entropy(z, y).backward()
+        return z.grad
+
+    plain_w = {"w": w0.clone(), "b": b0.clone()}
+
+    def plain_step() -> None:
+        xs = tensor_from_bytes(tensor_to_bytes(x), "activations", (None, dim)).double()
+        logits = tensor_from_bytes(tensor_to_bytes(F.linear(xs, plain_w["w"], plain_w["b"])), "logits", (batch, classes))
+        gs = tensor_from_bytes(tensor_to_bytes(logit_grad(logits)), "logit grads", (batch, classes)).double()
+        tensor_from_bytes(tensor_to_bytes(gs @ plain_w["w"]), "activation grads", (batch, dim))
+        plain_w["w"] -= lr * gs.T @ xs
+        plain_w["b"] -= lr * gs.sum(0)
+
+    params = get_preset("default")
+    ctx = create_secret_context(params)
+    pub = load_public_context(public_context_bytes(ctx))
+    head = PackedLinearHE(dim, classes, batch, params.slots)
+    he_w = {"w": w0.clone().float(), "b": b0.clone().float()}
+
+    def he_step() -> None:
+        head.clear_cache()  # new weights every step
+        enc = EncryptedBatch.from_bytes(pub, head.encrypt_activations(ctx, x.float()).to_bytes(), expect_kind="activations")
+        reply = head.forward(enc, he_w["w"], he_w["b"]).to_bytes()
+        logits = head.decrypt_logits(ctx, EncryptedBatch.from_bytes(ctx, reply), dtype=torch.float64)
+        grad = logit_grad(logits)
+        enc_g = EncryptedBatch.from_bytes(pub, head.encrypt_logit_grads(ctx, grad.float()).to_bytes())
+        back = head.backward_input(enc_g, he_w["w"]).to_bytes()
+        head.decrypt_activation_grads(ctx, EncryptedBatch.from_bytes(ctx, back), dtype=torch.float64)
+        update = tensor_to_bytes(torch.cat([grad.T @ x, grad.sum(0)[:, None]], dim=1).float())  # batch-aggregated
+        u = tensor_from_bytes(update, "head update", (classes, dim + 1))
+        he_w["w"] -= lr * u[:, :dim]
+        he_w["b"] -= lr * u[:, dim]
+
+    full_params = get_preset("full")
+    fctx = create_secret_context(full_params)
+    layout = FullHeadLayout(dim, classes, batch, full_params.slots)
+    t0 = time.perf_counter()
+    fpub = load_public_context(full_public_context_bytes(fctx, layout))
+    keygen = time.perf_counter() - t0
+    hospital = FullHeadHospital(fctx, layout)
+    server = EncryptedLinearHead(fpub, layout, hospital.encrypt_weights(w0, b0), refresh_every=10**9)
+    sizes: dict[str, int] = {}
+
+    def full_step() -> None:
+        up = hospital.encrypt_activations(x)
+        down = server.forward(up)
+        grad = logit_grad(hospital.decrypt_logits(down, batch))
+        g_up = hospital.encrypt_logit_grads(grad, lr)
+        dx = server.backward(g_up, input_grad=True)
+        hospital.decrypt_activation_grads(dx, batch, lr)
+        sizes.update(up=sum(map(len, up)) + sum(map(len, g_up)), down=sum(map(len, down)) + sum(map(len, dx)))
+
+    t_plain, _ = _median(plain_step, max(repeats, 20))
+    t_he, _ = _median(he_step, repeats)
+    t_full, _ = _median(full_step, repeats, warmup=1)
+    steps = server.updates  # every timed and warm-up step trained the encrypted head on the same batch
+    ref_w, ref_b = w0.clone(), b0.clone()
+    for _ in range(steps):
+        grad = logit_grad(F.linear(x, ref_w, ref_b))
+        ref_w, ref_b = ref_w - lr * grad.T @ x, ref_b - lr * grad.sum(0)
+    dec_w, dec_b = hospital.decrypt_weights(server.export_weights())
+    return {
+        "split_plain_step_s": t_plain,
+        "split_he_step_s": t_he,
+        "split_he_full_step_s": t_full,
+        "full_vs_split_he": t_full / t_he,
+        "full_vs_split_plain": t_full / t_plain,
+        "full_bytes_per_sample_up": sizes["up"] / batch,
+        "full_bytes_per_sample_down": sizes["down"] / batch,
+        "full_weight_error_after_steps": float(max((dec_w - ref_w).abs().max(), (dec_b - ref_b).abs().max())),
+        "full_steps_checked": steps,
+        "full_keygen_s": keygen,
+        "full_preset": full_params.describe(),
+        "full_layout": {"features_per_block": layout.features_per_block, "blocks": layout.n_blocks,
+                        "weight_ciphertexts": classes * layout.n_blocks, "rotations_per_step":
+                        classes * layout.n_blocks * len(layout.rotation_steps())},
+    }
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -356,6 +454,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--per-sample", type=int, default=2, help="samples timed for the per-sample baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlp-hidden", type=int, default=16, help="also time the encrypted MLP head (0: skip)")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time a training step of split-plain, split-he and split-he-full side by side")
     args = parser.parse_args(argv)
     result = run_benchmark(
         batch=args.batch,
@@ -375,6 +475,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             f"{mlp['rotation_steps']} rotation steps per hidden unit): encrypted round {mlp['packed_round_seconds'] * 1e3:.0f} ms "
             f"({mlp['samples_per_second']:.0f} samples/s), plaintext {mlp['plaintext_seconds'] * 1e3:.3f} ms, "
             f"max abs error {mlp['max_abs_error']:.1e}"
+        )
+    if args.full:
+        full = run_full_benchmark(args.batch, args.dim, args.classes, seed=args.seed)
+        result["full_head"] = full
+        print(
+            f"\nTraining step of the head (batch {args.batch}, {args.dim}->{args.classes}; forward, backward with dL/dx, "
+            f"SGD update): split-plain {full['split_plain_step_s'] * 1e3:.2f} ms, split-he {full['split_he_step_s'] * 1e3:.0f} ms, "
+            f"split-he-full {full['split_he_full_step_s'] * 1e3:.0f} ms = {full['full_vs_split_he']:.1f}x split-he, "
+            f"{full['full_vs_split_plain']:.0f}x split-plain; {full['full_bytes_per_sample_up'] / 1e3:.0f} KB up + "
+            f"{full['full_bytes_per_sample_down'] / 1e3:.0f} KB down per sample; weights after "
+            f"{full['full_steps_checked']} encrypted steps off plaintext SGD by {full['full_weight_error_after_steps']:.1e} "
+            f"({full['full_layout']['rotations_per_step']} rotations per step)"
         )
     if args.json:
         from ..artifacts import write_json

@@ -357,11 +357,14 @@ class SealEngine:
         if not self.private:
             raise HEError(f"{action} needs the hospital's secret context; this one is public (server side).")
 
-    def encrypt(self, values: np.ndarray) -> bytes:
-        """Encrypt ``slots`` complex values under the secret key; returns seeded SEAL bytes (half size)."""
+    def encrypt(self, values: np.ndarray, scale: Optional[float] = None) -> bytes:
+        """Encrypt ``slots`` complex values under the secret key; returns seeded SEAL bytes (half size).
+
+        ``scale`` (default the context's 2^scale_bits) lets a product land on an exact scale after its rescale.
+        """
         self._need_secret("Encryption")
         pt = sa.Plaintext()
-        self.encoder.encode(values.tolist(), self.scale, pt)
+        self.encoder.encode(values.tolist(), self.scale if scale is None else float(scale), pt)
         return self.save(self._encryptor.encrypt_symmetric(pt))  # type: ignore[union-attr]
 
     def decrypt(self, ct: sa.Ciphertext) -> np.ndarray:

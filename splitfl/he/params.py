@@ -116,6 +116,9 @@ PRESETS: dict[str, CKKSParams] = {
     "default": CKKSParams(8192, (60, 40, 60), 40, "default"),
     # MLP heads (linear -> square/poly2 -> linear): four rescale levels.
     "deep": CKKSParams(16384, (60, 40, 40, 40, 40, 60), 40, "deep"),
+    # split-he-full (splitfl.he.encrypted_head): encrypted weights one level down, multiplied once more:
+    # two rescales, 4096 real slots (a batch of 64 x 64 features per ciphertext), 200 of 218 bits.
+    "full": CKKSParams(16384, (60, 50, 50, 60), 50, "full"),
     # Smallest secure ring that holds one rescale: fast tests, |error| ~1e-4, 11 integer bits.
     "small": CKKSParams(4096, (40, 29, 40), 29, "small"),
     # Encrypted FedAvg (splitfl.he.aggregation): additions only (depth 0). Updates are encrypted at the
