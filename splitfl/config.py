@@ -88,7 +88,7 @@ class TrainConfig:
 
 @dataclass
 class SplitConfig:
-    """Split-learning protocol settings (regimes ``split-plain`` and ``split-he``).
+    """Split-learning protocol settings (regimes ``split-plain``, ``split-he`` and ``split-he-full``).
 
     Hospitals take turns batch by batch (round-robin) against one server head and
     relay the encoder weights among themselves, as in sequential split learning:
@@ -108,6 +108,8 @@ class SplitConfig:
     mlp_inference: Literal["interactive", "noninteractive"] = "interactive"
     transcript: bool = False  # record the server's view (every message in and out) under <out>/transcript
     transcript_max_steps: int = 20  # training steps recorded (evaluation traffic is not recorded)
+    # split-he-full: updates of the encrypted head between two refreshes (key holders decrypt and re-encrypt it)
+    full_refresh_every: int = 1000
 
 
 @dataclass
@@ -162,7 +164,7 @@ class FedConfig:
 class RunConfig:
     """One training job."""
 
-    regime: Literal["centralized", "local", "split-plain", "split-he", "fedavg", "fedprox"] = "centralized"
+    regime: Literal["centralized", "local", "split-plain", "split-he", "split-he-full", "fedavg", "fedprox"] = "centralized"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -388,6 +388,7 @@ REGIMES = {
     "local": run_local,
     "split-plain": run_split,
     "split-he": run_split,
+    "split-he-full": run_split,
     "fedavg": run_fed,
     "fedprox": run_fed,
 }

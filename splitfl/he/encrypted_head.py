@@ -223,16 +223,17 @@ class EncryptedLinearHead:
         self.weights = self._load_weights(weights)
 
     # -- state ---------------------------------------------------------------
-    def _load(self, data: bytes, what: str, scale: Optional[float] = None) -> sa.Ciphertext:
+    def _load(self, data: bytes, what: str, scale: Optional[float] = None, parms_id: Optional[list] = None) -> sa.Ciphertext:
         ct = self.eng.load_ciphertext(data, what)
-        if ct.parms_id() != self.eng.first_parms_id:
-            raise HEError(f"{what}: expected a fresh ciphertext at the top level")
+        if ct.parms_id() != (self.eng.first_parms_id if parms_id is None else parms_id):
+            raise HEError(f"{what}: at the wrong level (expected {'a fresh ciphertext' if parms_id is None else 'the weights level'})")
         want = self.eng.scale if scale is None else scale
         if ct.scale != want:
             raise HEError(f"{what}: scale {ct.scale!r}, expected {want!r} (encrypt it with FullHeadHospital)")
         return ct
 
-    def _load_weights(self, weights: list[list[bytes]]) -> list[list[sa.Ciphertext]]:
+    def _load_weights(self, weights: list[list[bytes]], fresh: bool = True) -> list[list[sa.Ciphertext]]:
+        """Fresh encryptions (initial or refreshed weights) or, ``fresh=False``, weights this server exported."""
         lay = self.layout
         if len(weights) != lay.num_classes or any(len(r) != lay.n_blocks for r in weights):
             raise HEError(f"encrypted weights: expected {lay.num_classes} x {lay.n_blocks} ciphertexts")
@@ -240,8 +241,11 @@ class EncryptedLinearHead:
         for k, row in enumerate(weights):
             cts = []
             for c, data in enumerate(row):
-                ct = self._load(data, f"weight ciphertext [{k}][{c}]")
-                self.eng.evaluator.mod_switch_to_next_inplace(ct)  # the weights live at level L - 1
+                if fresh:
+                    ct = self._load(data, f"weight ciphertext [{k}][{c}]")
+                    self.eng.evaluator.mod_switch_to_next_inplace(ct)  # the weights live at level L - 1
+                else:
+                    ct = self._load(data, f"weight ciphertext [{k}][{c}]", parms_id=self.eng.next_parms_id)
                 cts.append(ct)
             out.append(cts)
         return out

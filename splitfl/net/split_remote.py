@@ -964,7 +964,8 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
     from splitfl.train import RunError, fit, make_fabric, make_optimizer, make_scheduler, write_run_metrics
 
     if cfg.regime not in ("split-plain", "split-he"):
-        raise RunError(f"run_split_server serves split-plain / split-he, not {cfg.regime!r}")
+        raise RunError(f"run_split_server serves split-plain / split-he, not {cfg.regime!r}"
+                       + (" (split-he-full runs in-process for now: splitfl train)" if cfg.regime == "split-he-full" else ""))
     check_split_cut(cfg, remote=True)  # Hello describes the head as affine layers on pooled features
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1295,7 +1296,8 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
     from splitfl.train import RunError, make_fabric
 
     if cfg.regime not in ("split-plain", "split-he"):
-        raise RunError(f"run_split_site runs split-plain / split-he hospitals, not {cfg.regime!r}")
+        raise RunError(f"run_split_site runs split-plain / split-he hospitals, not {cfg.regime!r}"
+                       + (" (split-he-full runs in-process for now: splitfl train)" if cfg.regime == "split-he-full" else ""))
     check_split_cut(cfg, remote=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

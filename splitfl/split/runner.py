@@ -28,7 +28,7 @@ from splitfl.metrics import TaskMetrics, make_loss
 from splitfl.models import build_split_model
 from splitfl.split.server import SplitServer
 from splitfl.split.transcript import RelayRecorder, TranscriptRecorder
-from splitfl.split.transport import HETransport, PlainTransport
+from splitfl.split.transport import FullHETransport, HETransport, PlainTransport
 from splitfl.train import epoch_loader
 
 SECRET_CONTEXT = "keys/consortium.secret"
@@ -42,6 +42,9 @@ def check_split_cut(cfg: RunConfig, remote: bool = False) -> None:
     """
     from splitfl.train import RunError
 
+    if cfg.regime == "split-he-full" and cfg.model.cut != "pooled":
+        raise RunError(f"model.cut={cfg.model.cut!r}: split-he-full trains an encrypted linear head on pooled features; "
+                       "use model.cut: pooled")
     if cfg.model.cut in ("pooled", "mlp"):
         return
     if cfg.regime == "split-he":
@@ -92,6 +95,7 @@ class SplitRunner:
 
         scfg = cfg.split
         self.he = cfg.regime == "split-he"
+        self.full = cfg.regime == "split-he-full"
         make_server = SplitServer if server_factory is None else server_factory
         recorder = None
         if scfg.transcript:
@@ -101,7 +105,8 @@ class SplitRunner:
                  "feature_shape": list(feature_shape), "num_classes": splits.task.num_outputs,
                  "in_features": self.head_layers[0].in_features if self.head_layers else None,
                  "head_layers": [[l.in_features, l.out_features] for l in self.head_layers] or None,
-                 "batch_size": cfg.train.batch_size, "he_preset": scfg.he_preset if self.he else None,
+                 "batch_size": cfg.train.batch_size,
+                 "he_preset": full_preset(cfg) if self.full else (scfg.he_preset if self.he else None),
                  "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm,
                  "config": dataclasses.asdict(cfg)},  # what the server coordinated (the attacker knows it)
             )
@@ -112,7 +117,10 @@ class SplitRunner:
         # curious-fellow-hospital attack (the server never sees these weights).
         self._relay = (RelayRecorder(out_dir / "relay", self._encoder_flat())
                        if recorder is not None and self.encoder_trainable else None)
-        if self.he:
+        self.head_opt, self.head_sched = head_opt, head_sched  # split-he-full: the hospitals' schedule of lr
+        if self.full:
+            self.server, self.transport = self._full_parties(out_dir, head, recorder, make_server is not SplitServer)
+        elif self.he:
             from splitfl.he.keys import consortium_secret_context, public_context_bytes
 
             # The consortium's key: made once by the hospitals, kept in a file the server never receives.
@@ -137,6 +145,9 @@ class SplitRunner:
         self.sites = partition_dataset(splits.train, cfg.data.partition)
         self.train_set = splits.train
         self.dp = self.he and scfg.dp_noise_multiplier > 0
+        if scfg.dp_noise_multiplier > 0 and self.full:
+            raise RunError("split.dp_noise_multiplier: split-he-full sends no plaintext update to noise (the server "
+                           "sees ciphertexts only); DP on the encrypted head is not implemented, use split-he for DP")
         if scfg.dp_noise_multiplier > 0 and not self.he:
             raise RunError("split.dp_noise_multiplier applies to split-he head updates; in split-plain the server sees activations")
         if self.dp and scfg.dp_max_grad_norm <= 0:
@@ -149,6 +160,41 @@ class SplitRunner:
         self.train_samples = 0
         self.epochs_done = 0
         self._extras: dict[str, Any] = {}
+
+    def _full_parties(self, out_dir: Path, head: nn.Module, recorder: Optional[TranscriptRecorder],
+                      remote: bool) -> tuple[Any, FullHETransport]:
+        """split-he-full: the consortium's key, the server's encrypted head (initial weights encrypted here)."""
+        from splitfl.he.encrypted_head import FullHeadHospital, FullHeadLayout, full_public_context_bytes
+        from splitfl.he.keys import consortium_secret_context, params_of
+        from splitfl.split.full_server import FullSplitServer, pack_ciphertexts
+        from splitfl.train import RunError
+
+        cfg, tcfg = self.cfg, self.cfg.train
+        if remote:
+            raise RunError("split-he-full runs in-process for now (splitfl train); the gRPC service serves split-plain "
+                           "and split-he")
+        if tcfg.optimizer != "sgd" or tcfg.momentum != 0 or tcfg.weight_decay != 0:
+            raise RunError(f"split-he-full trains the encrypted head by plain SGD on ciphertexts (the server applies no "
+                           f"plaintext scalar): set train.optimizer: sgd, train.momentum: 0, train.weight_decay: 0 "
+                           f"(got {tcfg.optimizer}, momentum {tcfg.momentum}, weight_decay {tcfg.weight_decay})")
+        secret = consortium_secret_context(out_dir / SECRET_CONTEXT, full_preset(cfg), "split.he_preset")
+        from splitfl.he.params import HEError
+
+        lin = self.head_layers[0]
+        try:
+            layout = FullHeadLayout(lin.in_features, lin.out_features, tcfg.batch_size, params_of(secret).slots)
+        except HEError as exc:
+            raise RunError(f"train.batch_size={tcfg.batch_size}: {exc}") from None
+        public = full_public_context_bytes(secret, layout)
+        if recorder is not None:
+            from splitfl.artifacts import write_bytes
+
+            write_bytes(recorder.folder / "server_public_context.bin", public, 0o644)
+        initial = FullHeadHospital(secret, layout).encrypt_weights(lin.weight, lin.bias)
+        server = FullSplitServer(public, lin.in_features, lin.out_features, tcfg.batch_size,
+                                 pack_ciphertexts([ct for row in initial for ct in row]), cfg.split.full_refresh_every,
+                                 recorder)
+        return server, FullHETransport(server, secret)
 
     def _noninteractive_public_context(self, secret: Any, head: nn.Module) -> bytes:
         """Public context with relinearisation and exactly the Galois keys the polynomial MLP head needs."""
@@ -263,7 +309,13 @@ class SplitRunner:
         data = self.sites[site]
         images, labels = data[index]
         feats = self._features(data, images, index)
-        if not self.he:
+        if self.full:
+            logits = self.transport.forward(feats).to(self.device).requires_grad_(True)
+            loss = self.loss_fn(logits, labels.to(self.device))
+            loss.backward()
+            grad_feats = self.transport.backward(logits.grad.detach(), self.lr(), self.encoder_trainable)
+            self.transport.refresh_if_needed()
+        elif not self.he:
             logits = self.transport.forward(feats).to(self.device).requires_grad_(True)
             loss = self.loss_fn(logits, labels.to(self.device))
             loss.backward()
@@ -306,6 +358,9 @@ class SplitRunner:
             count += len(index)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         self.server.end_epoch()
+        if self.full and self.head_sched is not None:  # the hospitals own the encrypted head's learning rate
+            self.head_opt.step()  # a no-op (the plaintext head gets no gradients) that keeps the scheduler's order
+            self.head_sched.step()
         if self.enc_sched is not None:
             self.enc_sched.step()
         up, down = self.transport.bytes_up - up0, self.transport.bytes_down - down0
@@ -328,7 +383,9 @@ class SplitRunner:
             index = torch.arange(start, min(start + bs, len(dataset)))
             images, labels = dataset[index]
             feats = self._features(dataset, images, index if frozen_cache else None)
-            if self.noninteractive:
+            if self.full:
+                logits = self.transport.forward(feats, train=False).cpu()
+            elif self.noninteractive:
                 logits = self.transport.predict(feats.cpu()).cpu()
             elif self.he:
                 logits = self._he_forward(feats, train=False)[0].cpu()
@@ -349,6 +406,8 @@ class SplitRunner:
         return acc.get_epsilon(self.cfg.split.dp_delta) if len(acc) else 0.0
 
     def lr(self) -> float:
+        if self.full:
+            return self.head_opt.param_groups[0]["lr"]
         return self.server.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
@@ -361,6 +420,9 @@ class SplitRunner:
             "noise_rng": self._noise.get_state(),
             "counters": (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done),
             "transcript_step": self.server.recorder.step if self.server.recorder is not None else 0,
+            # split-he-full: the hospitals' schedule of the encrypted head's lr (the optimizer holds the current lr)
+            "head_opt": self.head_opt.state_dict() if self.full else None,
+            "head_sched": self.head_sched.state_dict() if self.full and self.head_sched is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -370,13 +432,26 @@ class SplitRunner:
         if self.enc_sched is not None and state.get("enc_sched") is not None:
             self.enc_sched.load_state_dict(state["enc_sched"])
         self.server.load_state_dict(state["server"])
+        if self.full and state.get("head_opt") is not None:
+            self.head_opt.load_state_dict(state["head_opt"])
+        if self.full and self.head_sched is not None and state.get("head_sched") is not None:
+            self.head_sched.load_state_dict(state["head_sched"])
         for acc, s in zip(self.accountants, state["accountants"]):
             acc.load_state_dict(s)
         self._noise.set_state(state["noise_rng"])
         self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done = state["counters"]
 
     def model_state(self) -> dict[str, Any]:
+        if self.full:  # the release: the key holders decrypt the server's head into the consortium's model
+            self._release_head()
         return self.split_model.state_dict()
+
+    def _release_head(self) -> None:
+        weight, bias = self.transport.release()
+        lin = self.head_layers[0]
+        with torch.no_grad():
+            lin.weight.copy_(weight.to(lin.weight))
+            lin.bias.copy_(bias.to(lin.bias))
 
     def load_model_state(self, state: dict[str, Any]) -> None:
         self.split_model.load_state_dict(state)
@@ -392,11 +467,15 @@ class SplitRunner:
                 "hospitals": len(self.sites),
                 "site_sizes": [len(s) for s in self.sites],
                 "encoder_trainable": self.encoder_trainable,
-                "he_preset": self.cfg.split.he_preset if self.he else None,
+                "he_preset": full_preset(self.cfg) if self.full else (self.cfg.split.he_preset if self.he else None),
                 "server_has_secret_key": self.server.has_secret_key(),
             },
             "wire": wire_summary(self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done),
         }
+        if self.full:
+            head = self.server.head
+            out["protocol"].update(head_encrypted=True, head_updates=head.updates, head_refreshes=head.refreshes,
+                                   refresh_every=head.refresh_every)
         if self.dp:
             out["privacy"] = privacy_summary(self.cfg, [self.site_epsilon(s) for s in range(len(self.accountants))])
         return out
@@ -432,3 +511,8 @@ def privacy_summary(cfg: RunConfig, epsilon_per_site: list[float]) -> dict[str, 
         "max_grad_norm": scfg.dp_max_grad_norm,
         "accountant": "opacus RDP, Poisson sampling per hospital; protects the head updates the server receives",
     }
+
+
+def full_preset(cfg: RunConfig) -> str:
+    """split-he-full's CKKS preset: ``full`` unless split.he_preset names another (checked for two rescales)."""
+    return "full" if cfg.split.he_preset == "default" else cfg.split.he_preset

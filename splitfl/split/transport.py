@@ -13,7 +13,7 @@ import torch
 from splitfl.split.server import SplitServer
 from splitfl.split.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
 
-__all__ = ["PlainTransport", "HETransport", "ProtocolError"]
+__all__ = ["FullHETransport", "HETransport", "PlainTransport", "ProtocolError"]
 
 
 class _Counting:
@@ -120,3 +120,69 @@ class HETransport(_Counting):
         msg = tensor_to_bytes(flat_update)
         self._send(msg)
         self.server.apply_update(msg)
+
+
+class FullHETransport(_Counting):
+    """split-he-full: the hospitals' side of an encrypted head (they hold the key; the server, ciphertexts only).
+
+    Batches above the layout's capacity (evaluation) travel in chunks; the learning rate is folded into
+    the encrypted logit gradient; refreshes and the release of the head go through the key holders here.
+    """
+
+    def __init__(self, server: Any, secret_context: Any) -> None:
+        from splitfl.he.encrypted_head import FullHeadHospital
+
+        super().__init__(server)
+        self.hospital = FullHeadHospital(secret_context, server.layout)
+        self.capacity = server.layout.batch_size
+
+    def forward(self, feats: torch.Tensor, train: bool = True) -> torch.Tensor:
+        from splitfl.split.full_server import pack_ciphertexts, unpack_ciphertexts
+
+        if train and len(feats) > self.capacity:
+            raise ProtocolError(f"a training batch of {len(feats)} exceeds the encrypted head's capacity {self.capacity}")
+        out = []
+        for chunk in feats.detach().cpu().double().split(self.capacity):
+            msg = pack_ciphertexts(self.hospital.encrypt_activations(chunk))
+            self._send(msg)
+            reply = self.server.forward(msg, train=train)
+            self._receive(reply)
+            cts = unpack_ciphertexts(reply, self.server.layout.num_classes, "logits")
+            out.append(self.hospital.decrypt_logits(cts, len(chunk)))
+        return torch.cat(out).float()
+
+    def backward(self, grad_logits: torch.Tensor, lr: float, input_grad: bool) -> torch.Tensor | None:
+        """Send ``enc(lr G)``; the server updates its encrypted head; dL/dx back when the encoder trains."""
+        from splitfl.split.full_server import pack_ciphertexts, unpack_ciphertexts
+
+        msg = pack_ciphertexts(self.hospital.encrypt_logit_grads(grad_logits.detach().cpu().double(), lr))
+        self._send(msg)
+        reply = self.server.backward(msg, input_grad)
+        if reply is None:
+            return None
+        self._receive(reply)
+        cts = unpack_ciphertexts(reply, self.server.layout.n_blocks, "activation gradients")
+        return self.hospital.decrypt_activation_grads(cts, len(grad_logits), lr).float()
+
+    def refresh_if_needed(self) -> bool:
+        """Decrypt and re-encrypt the worn head when the server asks for it (counted by the server)."""
+        if not self.server.needs_refresh():
+            return False
+        w, b = self.release()
+        from splitfl.split.full_server import pack_ciphertexts
+
+        msg = pack_ciphertexts([ct for row in self.hospital.encrypt_weights(w, b) for ct in row])
+        self._send(msg)
+        self.server.replace_weights(msg)
+        return True
+
+    def release(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key holders decrypt the server's head: (weight, bias) in plaintext, at the hospitals only."""
+        from splitfl.split.full_server import unpack_ciphertexts
+
+        data = self.server.export_weights()
+        self._receive(data)
+        lay = self.server.layout
+        flat = unpack_ciphertexts(data, lay.num_classes * lay.n_blocks, "encrypted weights")
+        return self.hospital.decrypt_weights([flat[k * lay.n_blocks:(k + 1) * lay.n_blocks]
+                                              for k in range(lay.num_classes)])
