@@ -82,10 +82,10 @@ def with_transcript(run_cfg: Any, settings: AttackSettings) -> Any:
         # one round more than the site updates attacked: the next broadcast reveals each round's aggregate
         rounds = min(cfg.train.epochs, math.ceil(settings.max_observations / sites) + 1)
         cfg.fed = dataclasses.replace(cfg.fed, transcript=True, transcript_max_rounds=max(rounds, 1))
-    elif cfg.regime in ("split-plain", "split-he"):
+    elif cfg.regime in ("split-plain", "split-he", "split-he-full"):
         cfg.split = dataclasses.replace(cfg.split, transcript=True, transcript_max_steps=settings.max_observations)
     else:
-        raise CompareError(f"regime {cfg.regime!r} has no server to attack: attack fedavg, fedprox, split-plain or split-he")
+        raise CompareError(f"regime {cfg.regime!r} has no server to attack: attack fedavg, fedprox, split-plain, split-he or split-he-full")
     return cfg
 
 
@@ -146,11 +146,13 @@ ATTACKS: dict[str, Callable[[Path, AttackSettings, "SiteData"], list[Reconstruct
     "fedprox": attack_fed,
     "split-plain": attack_split,
     "split-he": attack_split,
+    "split-he-full": attack_split,
 }
 # Label attacks per regime (a separate metric, not images): (run dir, settings, data) -> leakage.json's label_leakage.
 LABEL_ATTACKS: dict[str, Callable[[Path, AttackSettings, "SiteData"], dict[str, Any] | None]] = {
     "split-plain": label_leakage_split,
     "split-he": label_leakage_split,
+    "split-he-full": label_leakage_split,
 }
 
 

@@ -110,6 +110,34 @@ class KeylessReader:
         enc = EncryptedBatch.from_bytes(self.ctx, payload, expect_kind="activations")
         return torch.from_numpy(enc.layout.unpack_activation_grads(self._slots(enc, "activation"), enc.batch)).float()
 
+    def full_layout(self, meta: dict[str, Any]) -> Any:
+        """split-he-full's public slot layout (the head's shape and batch capacity are in the run's config)."""
+        from splitfl.he.encrypted_head import FullHeadLayout
+
+        return FullHeadLayout(int(meta["in_features"]), int(meta["num_classes"]), int(meta["batch_size"]),
+                              self.engine.slots)
+
+    def _full_slots(self, payload: bytes, count: int, what: str) -> np.ndarray:
+        from attacks.keyless import ciphertext_slots_readout
+        from splitfl.split.full_server import unpack_ciphertexts
+
+        cts = [self.engine.load_ciphertext(c, f"{what} ciphertext #{i}")
+               for i, c in enumerate(unpack_ciphertexts(payload, count, what))]
+        return np.stack([np.real(ciphertext_slots_readout(ct, self.engine, self.decryptor)) for ct in cts])
+
+    def full_activations(self, payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
+        """split-he-full: (batch capacity, in_features), every sample's slots as the public layout places them."""
+        lay = self.full_layout(meta)
+        slots = self._full_slots(payload, lay.n_blocks, "activation")
+        return torch.from_numpy(lay.unpack_activation_grads(slots, lay.batch_size)).float()
+
+    def full_logit_grads(self, payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
+        """split-he-full: (batch capacity, num_classes) read at each sample's first feature slot."""
+        lay = self.full_layout(meta)
+        slots = self._full_slots(payload, lay.num_classes, "logit-gradient")
+        f = lay.features_per_block
+        return torch.from_numpy(slots[:, ::f].T.copy()).float()
+
     def logit_grads(self, payload: bytes) -> torch.Tensor:
         """(batch, num_classes): the first feature position of each class's tiled ciphertext."""
         from splitfl.he.wire import EncryptedBatch
@@ -237,7 +265,8 @@ def attack_split(run_dir: Any, settings: Any, data: Any) -> list[Any]:
 
     transcript = read_transcript(run_dir / "transcript")
     cfg = transcript.run_config()
-    he = cfg.regime == "split-he"
+    he = cfg.regime in ("split-he", "split-he-full")
+    full = cfg.regime == "split-he-full"
     steps = recorded_steps(transcript)[: settings.max_observations]
     if not steps:
         raise TranscriptError(f"{transcript.folder}: no recorded activations (split.transcript_max_steps > 0?)")
@@ -259,7 +288,14 @@ def attack_split(run_dir: Any, settings: Any, data: Any) -> list[Any]:
         if public is None:
             raise TranscriptError(f"{transcript.folder}: a split-he run without server_public_context.bin")
         reader = KeylessReader(public)
-        acts = [calibrate(torch.cat([reader.activations(p) for p in _parts(transcript, s, "activations_in", 0)]),
+
+        def read(p: bytes, s: int) -> torch.Tensor:
+            if not full:
+                return reader.activations(p)
+            n = len(transcript.split_truth(s)[1])  # the batch of the step (its size is public: the slots in use)
+            return reader.full_activations(p, transcript.meta)[:n]
+
+        acts = [calibrate(torch.cat([read(p, s) for p in _parts(transcript, s, "activations_in", 0)]),
                           aux_mean, aux_std) for s in steps]
         base = VIEW_KEYLESS
     else:
@@ -339,7 +375,8 @@ def label_leakage(run_dir: Any, settings: Any, data: Any) -> Optional[dict[str, 
         return None
     transcript = read_transcript(run_dir / "transcript")
     cfg = transcript.run_config()
-    he = cfg.regime == "split-he"
+    he = cfg.regime in ("split-he", "split-he-full")
+    full = cfg.regime == "split-he-full"
     k = data.task.num_outputs
     steps = recorded_steps(transcript)[: settings.max_observations]
     last = max(len(transcript.meta.get("head_layers") or [[0, 0]]) - 1, 0)
@@ -350,8 +387,11 @@ def label_leakage(run_dir: Any, settings: Any, data: Any) -> Optional[dict[str, 
         y = data.labels(site, indices).reshape(-1).numpy()
         payloads = _parts(transcript, s, "logit_grads_in", last)
         if payloads:
-            g = torch.cat([reader.logit_grads(p) if he else tensor_from_bytes(p, "logit gradient", (None, k))
-                           for p in payloads])
+            if full:
+                g = torch.cat([reader.full_logit_grads(p, transcript.meta)[: len(y)] for p in payloads])
+            else:
+                g = torch.cat([reader.logit_grads(p) if he else tensor_from_bytes(p, "logit gradient", (None, k))
+                               for p in payloads])
             grads.append(g)
             labels.append(y)
         update = transcript.payload(s, "head_update_in")

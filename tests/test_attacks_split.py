@@ -78,3 +78,20 @@ def test_split_he_keyless_reading_leaks_nothing(tmp_path):
     assert labels["logit_grads_view"] == "logit-gradient ciphertexts read without the key" and labels["n"] == 48
     assert abs(labels["norm_auc"] - 0.5) < 0.25 and abs(labels["direction_auc"] - 0.5) < 0.25
     assert labels["head_update_n"] == 48 and labels["head_update_auc"] is not None
+
+
+def test_split_he_full_keyless_reading_leaks_nothing(tmp_path):
+    """split-he-full: activations, logit gradients and the head itself are ciphertexts; the same attacks get nothing."""
+    cfg = attack_config("split-he-full", 4, cut="pooled", freeze_encoder=False, small_input_stem=False)
+    cfg.train.momentum = 0.0  # the encrypted head trains by plain SGD
+    (result,) = run_attacks(cfg, tmp_path, log=lambda _: None)
+    views = result["by_view"]
+    white = views["activation ciphertexts read without the key: white-box inversion"]
+    decoded = views["activation ciphertexts read without the key: decoder"]
+    assert white["images"] == decoded["images"] == 32
+    assert white["leakage_rate"] == 0.0 and decoded["leakage_rate"] <= 0.05
+    assert not any(v.startswith("head update") for v in views)  # no plaintext update exists to attack
+    labels = result["label_leakage"]
+    assert labels["logit_grads_view"] == "logit-gradient ciphertexts read without the key" and labels["n"] == 32
+    assert abs(labels["norm_auc"] - 0.5) < 0.25 and abs(labels["direction_auc"] - 0.5) < 0.25
+    assert labels["head_update_auc"] is None
