@@ -163,3 +163,15 @@ def test_bad_input_is_refused_and_the_state_kept(ctx):
     with pytest.raises(HEError, match="relinearisation|Galois"):
         EncryptedLinearHead(load_public_context(public_context_bytes(ctx)), FullHeadLayout(d, k, b, ctx_slots(ctx)),
                             before)
+
+
+def test_batch_of_one_needs_no_rotation_and_no_galois_keys(ctx):
+    d, k, lr = 5, 2, 0.2
+    layout, hospital, server, ref = _parties(ctx, d, k, 1)
+    assert layout.rotation_steps() == []
+    x, g = torch.randn(1, d, dtype=torch.float64), torch.randn(1, k, dtype=torch.float64)
+    logits = hospital.decrypt_logits(server.forward(hospital.encrypt_activations(x)), 1)
+    assert torch.allclose(logits, ref(x).detach(), atol=TOL)
+    server.backward(hospital.encrypt_logit_grads(g, lr), input_grad=False)
+    w, _ = hospital.decrypt_weights(server.export_weights())
+    assert torch.allclose(w, ref.weight.detach() - lr * g.T @ x, atol=TOL)

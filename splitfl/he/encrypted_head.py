@@ -142,8 +142,15 @@ class FullHeadLayout:
 
 
 def full_public_context_bytes(ctx: ts.Context, layout: FullHeadLayout) -> bytes:
-    """The server's context: public key, relinearisation keys and the batch-sum Galois keys only."""
-    return mlp_public_context_bytes(ctx, layout.rotation_steps())
+    """The server's context: public key, relinearisation keys and the batch-sum Galois keys only (none at batch 1)."""
+    steps = layout.rotation_steps()
+    if not steps:
+        from .keys import public_context_bytes
+
+        if not ctx.has_relin_keys():
+            ctx.generate_relin_keys()
+        return public_context_bytes(ctx, relin=True)
+    return mlp_public_context_bytes(ctx, steps)
 
 
 def update_scale(eng: SealEngine) -> float:

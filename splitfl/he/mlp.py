@@ -120,7 +120,7 @@ def _eval_keys(ctx: ts.Context, eng: SealEngine, steps: list[int]) -> _EvalKeys:
                 "The server context has no relinearisation keys; the MLP head squares ciphertexts. Send "
                 "mlp_public_context_bytes(ctx, head.rotation_steps()) instead of public_context_bytes(ctx)."
             )
-        if not ctx.has_galois_keys():
+        if steps and not ctx.has_galois_keys():
             raise HEError(
                 "The server context has no Galois keys; the MLP head rotates ciphertexts to sum each hidden "
                 "unit's features. Send mlp_public_context_bytes(ctx, head.rotation_steps())."
@@ -132,8 +132,9 @@ def _eval_keys(ctx: ts.Context, eng: SealEngine, steps: list[int]) -> _EvalKeys:
             try:
                 eng._io.write(public[4][0])
                 relin.load(eng.context, eng._io.path)
-                eng._io.write(public[5][0])
-                galois.load(eng.context, eng._io.path)
+                if 5 in public:  # Galois keys (absent where nothing rotates, e.g. split-he-full at batch 1)
+                    eng._io.write(public[5][0])
+                    galois.load(eng.context, eng._io.path)
             except Exception as e:
                 raise HEError(f"The context's evaluation keys do not load for its parameters ({e}).") from e
             finally:
