@@ -443,6 +443,39 @@ def run_full_benchmark(batch: int = 64, dim: int = 512, classes: int = 5, repeat
     }
 
 
+def run_full_drift(updates: int = 3000, dim: int = 32, classes: int = 2, batch: int = 8, lr: float = 0.01,
+                   check_every: int = 500, seed: int = 0) -> dict[str, Any]:
+    """How far the encrypted weights drift from plaintext SGD over many updates, without any refresh.
+
+    Same batches for both; the gradients are fixed random ones (the drift is the CKKS noise of the update
+    path, not the model), so the plaintext reference is exact. Small head, so thousands of updates take
+    about a minute.
+    """
+    from .encrypted_head import EncryptedLinearHead, FullHeadHospital, FullHeadLayout, full_public_context_bytes
+
+    params = get_preset("full")
+    ctx = create_secret_context(params)
+    layout = FullHeadLayout(dim, classes, batch, params.slots)
+    pub = load_public_context(full_public_context_bytes(ctx, layout))
+    hospital = FullHeadHospital(ctx, layout)
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(classes, dim, generator=g, dtype=torch.float64) * 0.1, torch.zeros(classes, dtype=torch.float64)
+    server = EncryptedLinearHead(pub, layout, hospital.encrypt_weights(w, b), refresh_every=10**9)
+    curve, t0 = [], time.perf_counter()
+    for step in range(1, updates + 1):
+        x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+        grad = torch.randn(batch, classes, generator=g, dtype=torch.float64) / batch
+        server.forward(hospital.encrypt_activations(x))
+        server.backward(hospital.encrypt_logit_grads(grad, lr), input_grad=False)
+        w, b = w - lr * grad.T @ x, b - lr * grad.sum(0)
+        if step % check_every == 0 or step == updates:
+            dw, db = hospital.decrypt_weights(server.export_weights())
+            curve.append({"updates": step, "max_abs_error": float(max((dw - w).abs().max(), (db - b).abs().max())),
+                          "max_abs_weight": float(w.abs().max())})
+    return {"updates": updates, "seconds": time.perf_counter() - t0, "curve": curve,
+            "layout": {"dim": dim, "classes": classes, "batch": batch}, "preset": params.describe()}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the results to this JSON file")
@@ -454,6 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--per-sample", type=int, default=2, help="samples timed for the per-sample baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mlp-hidden", type=int, default=16, help="also time the encrypted MLP head (0: skip)")
+    parser.add_argument("--full-drift", type=int, default=0, metavar="N",
+                        help="also train a small encrypted head for N updates without refresh and print its drift")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a training step of split-plain, split-he and split-he-full side by side")
     args = parser.parse_args(argv)
@@ -488,6 +523,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             f"{full['full_steps_checked']} encrypted steps off plaintext SGD by {full['full_weight_error_after_steps']:.1e} "
             f"({full['full_layout']['rotations_per_step']} rotations per step)"
         )
+    if args.full_drift > 0:
+        drift = run_full_drift(args.full_drift)
+        result["full_head_drift"] = drift
+        points = ", ".join(f"{p['updates']}: {p['max_abs_error']:.1e}" for p in drift["curve"])
+        print(f"\nsplit-he-full drift from plaintext SGD without refresh (max |error| after N updates): {points} "
+              f"({drift['seconds']:.0f} s)")
     if args.json:
         from ..artifacts import write_json
 
