@@ -127,9 +127,10 @@ def attack_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> l
     from attacks.split_inversion import attack_split as run
     from attacks.transcript import read_transcript
 
-    recs = run(run_dir, settings, data)
+    transcript = read_transcript(run_dir / "transcript")  # every payload: read once for both views
+    recs = run(run_dir, settings, data, transcript)
     if (run_dir / "relay").is_dir():
-        recs += attack_relay(run_dir, settings, data, read_transcript(run_dir / "transcript"))
+        recs += attack_relay(run_dir, settings, data, transcript)
     return recs
 
 

@@ -257,13 +257,16 @@ def _truth(transcript: Transcript, steps: list[int]) -> list[_Batch]:
     return [_Batch(s, *transcript.split_truth(s)) for s in steps]
 
 
-def attack_split(run_dir: Any, settings: Any, data: Any) -> list[Any]:
-    """Reconstructions from every recorded split step, per view and attack (see the module docstring)."""
+def attack_split(run_dir: Any, settings: Any, data: Any, transcript: Optional[Transcript] = None) -> list[Any]:
+    """Reconstructions from every recorded split step, per view and attack (see the module docstring).
+
+    ``transcript``: the run's transcript when the caller has read it already (it holds every payload).
+    """
     from attacks.harness import Reconstruction
     from attacks.transcript import read_transcript
     from splitfl.split.tensors import tensor_from_bytes
 
-    transcript = read_transcript(run_dir / "transcript")
+    transcript = transcript if transcript is not None else read_transcript(run_dir / "transcript")
     cfg = transcript.run_config()
     he = cfg.regime in ("split-he", "split-he-full")
     full = cfg.regime == "split-he-full"

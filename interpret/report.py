@@ -269,7 +269,8 @@ def _image_cards(run: Any, imgs: Any, probs: torch.Tensor, target: torch.Tensor,
     return cards
 
 
-def _cohort(run: Any, imgs: Any, probs: torch.Tensor, target: torch.Tensor, maps: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _cohort(run: Any, imgs: Any, probs: torch.Tensor, target: torch.Tensor, maps: dict[str, torch.Tensor],
+            metrics: dict[str, float]) -> dict[str, Any]:
     from interpret.render import heat_rgb, png_data_uri
 
     names = run.task.label_names
@@ -297,7 +298,7 @@ def _cohort(run: Any, imgs: Any, probs: torch.Tensor, target: torch.Tensor, maps
             class_maps.append({"src": png_data_uri(heat_rgb(norm.mean(0))),
                                "caption": f"{name}: {METHOD_LABELS.get(method, method)} ({int(mine.sum())})"})
     return {"n": len(imgs), "source": imgs.source, "has_labels": imgs.labels is not None, "per_class": per_class,
-            "metrics": cohort_metrics(probs, imgs.labels, run.task.task_type), "class_maps": class_maps}
+            "metrics": metrics, "class_maps": class_maps}
 
 
 def build_report(run_dir: str | Path, images: str | Path, out: str | Path, opts: ReportOptions | None = None,
@@ -333,6 +334,7 @@ def build_report(run_dir: str | Path, images: str | Path, out: str | Path, opts:
     agreement = agreement_rows(run, imgs.x, target, maps, opts, log) if opts.compare else []
 
     json_path = out.with_suffix(".json")
+    card = model_card(run)
     numbers = {
         "run": str(run_dir), "images": imgs.source, "names": imgs.names, "regime": run.regime,
         "task": dataclasses.asdict(run.task), "options": dataclasses.asdict(opts),
@@ -340,7 +342,7 @@ def build_report(run_dir: str | Path, images: str | Path, out: str | Path, opts:
         "labels": None if imgs.labels is None else np.asarray(imgs.labels).tolist(),
         "cohort_metrics": cohort_metrics(probs, imgs.labels, run.task.task_type),
         "checks": checks, "trust": trust_rows(checks), "agreement": agreement,
-        "model_card": dict(model_card(run)),
+        "model_card": dict(card),
     }
     context = {
         "title": f"How the model reads {run.task.name} images",
@@ -348,9 +350,9 @@ def build_report(run_dir: str | Path, images: str | Path, out: str | Path, opts:
                     + ", ".join(METHOD_LABELS.get(m, m) for m in opts.methods),
         "version": getattr(splitfl, "__version__", "?"), "captum_version": captum.__version__,
         "generated": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "json_name": json_path.name,
-        "cohort": _cohort(run, imgs, probs, target, maps), "trust": numbers["trust"],
+        "cohort": _cohort(run, imgs, probs, target, maps, numbers["cohort_metrics"]), "trust": numbers["trust"],
         "agreement": agreement, "agreement_top": round(100 * opts.top_fraction),
-        "images": _image_cards(run, imgs, probs, target, maps, checks), "model_card": model_card(run),
+        "images": _image_cards(run, imgs, probs, target, maps, checks), "model_card": card,
         "caveats": CAVEATS, "colorbar": colorbar_uri(),
     }
     write_text(out, render_html(context))

@@ -54,7 +54,8 @@ import tenseal.sealapi as sa
 import torch
 
 from .keys import SealEngine, engine_for
-from .mlp import _eval_keys, mlp_public_context_bytes
+from .mlp import _eval_keys, _rotate_and_sum, mlp_public_context_bytes
+from .packing import check_positive_fields
 from .params import HEError
 
 __all__ = ["DEFAULT_REFRESH_EVERY", "EncryptedLinearHead", "FullHeadLayout", "FullHeadHospital",
@@ -76,10 +77,7 @@ class FullHeadLayout:
     slots: int
 
     def __post_init__(self) -> None:
-        for name in ("in_features", "num_classes", "batch_size", "slots"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise HEError(f"FullHeadLayout: {name}={v!r} must be a positive integer.")
+        check_positive_fields(self, ("in_features", "num_classes", "batch_size", "slots"))
         b = self.batch_size
         if b & (b - 1) or b > self.slots:
             raise HEError(f"FullHeadLayout: batch_size={b} must be a power of two <= {self.slots} (the batch sum "
@@ -165,10 +163,6 @@ def update_scale(eng: SealEngine) -> float:
     return float(eng.context.first_context_data().parms().coeff_modulus()[-1].value())
 
 
-def _real(values: np.ndarray) -> np.ndarray:
-    return np.real(np.asarray(values))
-
-
 class FullHeadHospital:
     """The key holders' side: encrypt, decrypt, release and refresh (they hold the consortium's secret key)."""
 
@@ -180,8 +174,8 @@ class FullHeadHospital:
             raise HEError(f"layout has {layout.slots} slots, the context {self.eng.slots}")
         self.layout = layout
 
-    def _encrypt(self, rows: np.ndarray) -> list[bytes]:
-        return [self.eng.encrypt(r.astype(np.complex128)) for r in rows]
+    def _encrypt(self, rows: np.ndarray, scale: Optional[float] = None) -> list[bytes]:
+        return [self.eng.encrypt(r.astype(np.complex128), scale) for r in rows]
 
     def encrypt_weights(self, weight: torch.Tensor, bias: torch.Tensor) -> list[list[bytes]]:
         """``[k][c]`` fresh ciphertexts of the initial (or refreshed) weights."""
@@ -193,11 +187,10 @@ class FullHeadHospital:
 
     def encrypt_logit_grads(self, g: torch.Tensor, lr: float) -> list[bytes]:
         """``enc(lr * G)`` at scale q (see the module docstring): the server applies no plaintext scalar."""
-        rows = self.layout.pack_logit_grads(lr * g.detach().double().cpu().numpy())
-        return [self.eng.encrypt(r.astype(np.complex128), update_scale(self.eng)) for r in rows]
+        return self._encrypt(self.layout.pack_logit_grads(lr * g.detach().double().cpu().numpy()), update_scale(self.eng))
 
     def _decrypt(self, cts: list[bytes], what: str) -> np.ndarray:
-        return np.stack([_real(self.eng.decrypt(self.eng.load_ciphertext(ct, f"{what} #{i}")))
+        return np.stack([np.real(self.eng.decrypt(self.eng.load_ciphertext(ct, f"{what} #{i}")))
                          for i, ct in enumerate(cts)])
 
     def decrypt_logits(self, cts: list[bytes], batch: int) -> torch.Tensor:
@@ -267,6 +260,18 @@ class EncryptedLinearHead:
     def needs_refresh(self) -> bool:
         return self.updates_since_refresh >= self.refresh_every
 
+    def state(self) -> dict[str, object]:
+        """Checkpoint: the encrypted weights as this server holds them, and the update and refresh counters."""
+        return {"weights": self.export_weights(), "updates": self.updates,
+                "updates_since_refresh": self.updates_since_refresh, "refreshes": self.refreshes}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        """Resume from :meth:`state` (weights at their level, not fresh encryptions)."""
+        self.weights = self._load_weights(state["weights"], fresh=False)  # type: ignore[arg-type]
+        self.updates = int(state["updates"])  # type: ignore[arg-type]
+        self.updates_since_refresh = int(state["updates_since_refresh"])  # type: ignore[arg-type]
+        self.refreshes = int(state["refreshes"])  # type: ignore[arg-type]
+
     def replace_weights(self, weights: list[list[bytes]]) -> None:
         """A refresh: the key holders' fresh encryption of the (decrypted) weights replaces the worn ones."""
         self.weights = self._load_weights(weights)
@@ -321,13 +326,11 @@ class EncryptedLinearHead:
         grads = None
         if input_grad:  # before the update: autograd's dL/dx uses the weights of the forward pass
             grads = [self._dot([(g[k], self.weights[k][c]) for k in range(len(g))]) for c in range(self.layout.n_blocks)]
-        ev, rot = self.eng.evaluator, sa.Ciphertext()
+        ev, steps = self.eng.evaluator, self.layout.rotation_steps()
         for k, gk in enumerate(g):
             for c, xc in enumerate(self._x):
                 step = self._dot([(gk, xc)])  # lr * G[i, k] * x[i, f] in slot i * F + f, exactly at W's scale
-                for s in self.layout.rotation_steps():  # sum over samples, broadcast to every sample
-                    ev.rotate_vector(step, s, self.keys.galois, rot)
-                    ev.add_inplace(step, rot)
+                _rotate_and_sum(ev, step, steps, self.keys.galois)  # sum over samples, broadcast to every sample
                 ev.sub_inplace(self.weights[k][c], step)
         self._x = None
         self.updates += 1

@@ -32,7 +32,15 @@ import numpy as np
 
 from .params import HEError
 
-__all__ = ["PackedLayout"]
+__all__ = ["PackedLayout", "check_positive_fields"]
+
+
+def check_positive_fields(layout: object, names: tuple[str, ...]) -> None:
+    """HEError naming the first of ``names`` that is not a positive integer (layout dataclasses' checks)."""
+    for name in names:
+        value = getattr(layout, name)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise HEError(f"{type(layout).__name__}: {name}={value!r} must be a positive integer.")
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,7 @@ class PackedLayout:
     slots: int
 
     def __post_init__(self) -> None:
-        for field in ("in_features", "num_classes", "batch_size", "slots"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise HEError(f"PackedLayout: {field}={value!r} must be a positive integer.")
+        check_positive_fields(self, ("in_features", "num_classes", "batch_size", "slots"))
         if self.rows > self.slots:
             raise HEError(
                 f"PackedLayout: batch_size={self.batch_size} needs {self.rows} slots per feature but a ciphertext "

@@ -44,10 +44,20 @@ def unpack_ciphertexts(data: bytes, count: int, what: str) -> list[bytes]:
     return out
 
 
+def pack_weight_rows(rows: list[list[bytes]]) -> bytes:
+    """``enc(W)`` as one message: the ``[class][block]`` ciphertexts, class by class."""
+    return pack_ciphertexts([ct for row in rows for ct in row])
+
+
+def unpack_weight_rows(data: bytes, layout: Any) -> list[list[bytes]]:
+    """The ``[class][block]`` ciphertexts of :func:`pack_weight_rows` for a ``FullHeadLayout``."""
+    nb = layout.n_blocks
+    flat = unpack_ciphertexts(data, layout.num_classes * nb, "encrypted weights")
+    return [flat[k * nb:(k + 1) * nb] for k in range(layout.num_classes)]
+
+
 class FullSplitServer:
     """Holds ``enc(W)`` and trains it on ciphertexts; the hospitals refresh and finally release it."""
-
-    mode = "he-full"
 
     def __init__(self, public_context: bytes, in_features: int, num_classes: int, batch_capacity: int,
                  initial_weights: bytes, refresh_every: int, recorder: Optional[TranscriptRecorder] = None) -> None:
@@ -56,17 +66,11 @@ class FullSplitServer:
 
         self.context = load_public_context(public_context)
         self.layout = FullHeadLayout(in_features, num_classes, batch_capacity, params_of(self.context).slots)
-        weights = self._weights_from(initial_weights)
+        weights = unpack_weight_rows(initial_weights, self.layout)
         self.head = EncryptedLinearHead(self.context, self.layout, weights, refresh_every)
         self.recorder = recorder
-        self.feature_shape, self.num_classes = (in_features,), num_classes
         if recorder is not None:
             recorder.record("weights_in", initial_weights)
-
-    def _weights_from(self, data: bytes) -> list[list[bytes]]:
-        lay = self.layout
-        flat = unpack_ciphertexts(data, lay.num_classes * lay.n_blocks, "encrypted weights")
-        return [flat[k * lay.n_blocks:(k + 1) * lay.n_blocks] for k in range(lay.num_classes)]
 
     def _record(self, kind: str, payload: bytes, train: bool) -> None:
         if self.recorder is not None and train:
@@ -99,10 +103,10 @@ class FullSplitServer:
 
     def export_weights(self) -> bytes:
         """``enc(W)`` for the key holders: a refresh, the release, or a checkpoint."""
-        return pack_ciphertexts([ct for row in self.head.export_weights() for ct in row])
+        return pack_weight_rows(self.head.export_weights())
 
     def replace_weights(self, payload: bytes) -> None:
-        self.head.replace_weights(self._weights_from(payload))
+        self.head.replace_weights(unpack_weight_rows(payload, self.layout))
 
     def end_epoch(self) -> None:
         """Nothing to step: the learning rate is the hospitals' (folded into ``enc(lr G)``)."""
@@ -111,11 +115,8 @@ class FullSplitServer:
         return self.head.has_secret_key()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.export_weights(), "updates": self.head.updates,
-                "updates_since_refresh": self.head.updates_since_refresh, "refreshes": self.head.refreshes}
+        state = self.head.state()
+        return {**state, "weights": pack_weight_rows(state["weights"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.weights = self.head._load_weights(self._weights_from(state["weights"]), fresh=False)
-        self.head.updates = int(state["updates"])
-        self.head.updates_since_refresh = int(state["updates_since_refresh"])
-        self.head.refreshes = int(state["refreshes"])
+        self.head.load_state({**state, "weights": unpack_weight_rows(state["weights"], self.layout)})

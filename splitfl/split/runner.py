@@ -96,6 +96,7 @@ class SplitRunner:
         scfg = cfg.split
         self.he = cfg.regime == "split-he"
         self.full = cfg.regime == "split-he-full"
+        self.he_preset = full_preset(cfg) if self.full else (scfg.he_preset if self.he else None)
         make_server = SplitServer if server_factory is None else server_factory
         recorder = None
         if scfg.transcript:
@@ -106,7 +107,7 @@ class SplitRunner:
                  "in_features": self.head_layers[0].in_features if self.head_layers else None,
                  "head_layers": [[l.in_features, l.out_features] for l in self.head_layers] or None,
                  "batch_size": cfg.train.batch_size,
-                 "he_preset": full_preset(cfg) if self.full else (scfg.he_preset if self.he else None),
+                 "he_preset": self.he_preset,
                  "dp_noise_multiplier": scfg.dp_noise_multiplier, "dp_max_grad_norm": scfg.dp_max_grad_norm,
                  "config": dataclasses.asdict(cfg)},  # what the server coordinated (the attacker knows it)
             )
@@ -166,7 +167,8 @@ class SplitRunner:
         """split-he-full: the consortium's key, the server's encrypted head (initial weights encrypted here)."""
         from splitfl.he.encrypted_head import FullHeadHospital, FullHeadLayout, full_public_context_bytes
         from splitfl.he.keys import consortium_secret_context, params_of
-        from splitfl.split.full_server import FullSplitServer, pack_ciphertexts
+        from splitfl.he.params import HEError
+        from splitfl.split.full_server import FullSplitServer, pack_weight_rows
         from splitfl.train import RunError
 
         cfg, tcfg = self.cfg, self.cfg.train
@@ -177,9 +179,7 @@ class SplitRunner:
             raise RunError(f"split-he-full trains the encrypted head by plain SGD on ciphertexts (the server applies no "
                            f"plaintext scalar): set train.optimizer: sgd, train.momentum: 0, train.weight_decay: 0 "
                            f"(got {tcfg.optimizer}, momentum {tcfg.momentum}, weight_decay {tcfg.weight_decay})")
-        secret = consortium_secret_context(out_dir / SECRET_CONTEXT, full_preset(cfg), "split.he_preset")
-        from splitfl.he.params import HEError
-
+        secret = consortium_secret_context(out_dir / SECRET_CONTEXT, self.he_preset, "split.he_preset")
         lin = self.head_layers[0]
         try:
             layout = FullHeadLayout(lin.in_features, lin.out_features, tcfg.batch_size, params_of(secret).slots)
@@ -192,7 +192,7 @@ class SplitRunner:
             write_bytes(recorder.folder / "server_public_context.bin", public, 0o644)
         initial = FullHeadHospital(secret, layout).encrypt_weights(lin.weight, lin.bias)
         server = FullSplitServer(public, lin.in_features, lin.out_features, tcfg.batch_size,
-                                 pack_ciphertexts([ct for row in initial for ct in row]), cfg.split.full_refresh_every,
+                                 pack_weight_rows(initial), cfg.split.full_refresh_every,
                                  recorder)
         return server, FullHETransport(server, secret)
 
@@ -309,17 +309,15 @@ class SplitRunner:
         data = self.sites[site]
         images, labels = data[index]
         feats = self._features(data, images, index)
-        if self.full:
+        if not self.he:  # split-plain and split-he-full: logits in, the logit gradient out
             logits = self.transport.forward(feats).to(self.device).requires_grad_(True)
             loss = self.loss_fn(logits, labels.to(self.device))
             loss.backward()
-            grad_feats = self.transport.backward(logits.grad.detach(), self.lr(), self.encoder_trainable)
-            self.transport.refresh_if_needed()
-        elif not self.he:
-            logits = self.transport.forward(feats).to(self.device).requires_grad_(True)
-            loss = self.loss_fn(logits, labels.to(self.device))
-            loss.backward()
-            grad_feats = self.transport.backward(logits.grad.detach(), tuple(feats.shape))
+            if self.full:
+                grad_feats = self.transport.backward(logits.grad.detach(), self.lr(), self.encoder_trainable)
+                self.transport.refresh_if_needed()
+            else:
+                grad_feats = self.transport.backward(logits.grad.detach(), tuple(feats.shape))
         else:
             z, inputs, pre = self._he_forward(feats, train=True)
             logits = z.requires_grad_(True)
@@ -467,7 +465,7 @@ class SplitRunner:
                 "hospitals": len(self.sites),
                 "site_sizes": [len(s) for s in self.sites],
                 "encoder_trainable": self.encoder_trainable,
-                "he_preset": full_preset(self.cfg) if self.full else (self.cfg.split.he_preset if self.he else None),
+                "he_preset": self.he_preset,
                 "server_has_secret_key": self.server.has_secret_key(),
             },
             "wire": wire_summary(self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done),

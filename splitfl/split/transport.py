@@ -168,21 +168,17 @@ class FullHETransport(_Counting):
         """Decrypt and re-encrypt the worn head when the server asks for it (counted by the server)."""
         if not self.server.needs_refresh():
             return False
-        w, b = self.release()
-        from splitfl.split.full_server import pack_ciphertexts
+        from splitfl.split.full_server import pack_weight_rows
 
-        msg = pack_ciphertexts([ct for row in self.hospital.encrypt_weights(w, b) for ct in row])
+        msg = pack_weight_rows(self.hospital.encrypt_weights(*self.release()))
         self._send(msg)
         self.server.replace_weights(msg)
         return True
 
     def release(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The key holders decrypt the server's head: (weight, bias) in plaintext, at the hospitals only."""
-        from splitfl.split.full_server import unpack_ciphertexts
+        from splitfl.split.full_server import unpack_weight_rows
 
         data = self.server.export_weights()
         self._receive(data)
-        lay = self.server.layout
-        flat = unpack_ciphertexts(data, lay.num_classes * lay.n_blocks, "encrypted weights")
-        return self.hospital.decrypt_weights([flat[k * lay.n_blocks:(k + 1) * lay.n_blocks]
-                                              for k in range(lay.num_classes)])
+        return self.hospital.decrypt_weights(unpack_weight_rows(data, self.server.layout))
