@@ -30,11 +30,22 @@ once more, so the ``"full"`` preset has two rescaling primes. Scales are kept *e
 the hospital encrypts ``lr * G`` at the scale ``q`` of the prime the first rescale drops, so
 ``scale(lr G) * scale(x) / q`` is exactly the weights' scale and the update subtracts without any
 approximation; forward and input-gradient outputs carry their exact scale, which decoding uses.
-What does grow is the error the weights accumulate, one product and log2(B) rotations (key-switching
-noise) per update: about 2.2e-9 per update with the ``full`` preset, measured to grow linearly
-(``splitfl bench he-head --full-drift N``). :meth:`EncryptedLinearHead.needs_refresh` asks the key
-holders to decrypt and re-encrypt the weights once a budget of updates is spent
-(:data:`DEFAULT_REFRESH_EVERY`), and :attr:`EncryptedLinearHead.refreshes` counts how often that happened.
+What does grow is the error the weights accumulate, one product and its batch sum per update.
+
+**Why the batch sum happens before the rescale.** Each rotation key-switches, and SEAL's key switching
+splits ``c1`` into RNS digits taken in ``[0, q_j)``, not centred. Their mean ``q_j / 2`` leaves a
+*fixed* term, about ``(q_j / 2P) * (1 + x + ... + x^(N-1)) * e_j`` with ``e_j`` the Galois key's error and
+``P`` the special prime. It does not depend on the data or on the encryption's randomness, it is large
+only for data primes as big as ``P`` (the 60-bit base prime here), and the all-ones polynomial puts it in a
+handful of slots, slot 0 the worst. Summed after the rescale, at the weights' scale 2^50, it came to
+~1.6e-9 in slot 0 per rotation; every update added it again, the same sign each time, so the weights
+drifted *linearly*, ~2.2e-9 per update, at exactly the slots the release reads. The error is fixed at the
+polynomial level, though, so :meth:`EncryptedLinearHead._dot` rotates and adds while the product still
+has scale ``q * 2^50``; the rescale then divides it by ``q`` (~2^50) with everything else. Measured with
+``splitfl bench he-head --full-drift 3000`` (a 32 -> 2 head at batch 8; the README has the numbers).
+:meth:`EncryptedLinearHead.needs_refresh` still asks the key holders to decrypt and re-encrypt the weights
+once a budget of updates is spent (:data:`DEFAULT_REFRESH_EVERY`), and
+:attr:`EncryptedLinearHead.refreshes` counts how often that happened.
 
 **Rotations** go through SEAL's ``Evaluator.rotate_vector`` (TenSEAL's low-level ``sealapi``) with Galois
 keys for exactly the ``log2(B)`` steps, generated from the secret key by the hospitals. They are
@@ -287,8 +298,14 @@ class EncryptedLinearHead:
         self.eng.evaluator.mod_switch_to(ct, parms_id, out)
         return out
 
-    def _dot(self, pairs: list[tuple[sa.Ciphertext, sa.Ciphertext]]) -> sa.Ciphertext:
-        """Sum of products at the lower level of each pair, relinearised and rescaled once (lazily)."""
+    def _dot(self, pairs: list[tuple[sa.Ciphertext, sa.Ciphertext]], batch_sum: bool = False) -> sa.Ciphertext:
+        """Sum of products at the lower level of each pair, relinearised and rescaled once (lazily).
+
+        With ``batch_sum`` the product is also summed over the batch (rotate-and-add) *before* the rescale,
+        at scale ``scale_a * scale_b``: key switching adds an error that is fixed at the polynomial level,
+        so there it is divided by the dropped prime (~2^50) along with everything else, instead of landing
+        on the weights at their own scale (see the module docstring).
+        """
         ev, ctx = self.eng.evaluator, self.eng.context
         total: Optional[sa.Ciphertext] = None
         for a, b in pairs:
@@ -302,6 +319,8 @@ class EncryptedLinearHead:
                 ev.add_inplace(total, prod)
         assert total is not None
         ev.relinearize_inplace(total, self.keys.relin)
+        if batch_sum:
+            _rotate_and_sum(ev, total, self.layout.rotation_steps(), self.keys.galois)
         ev.rescale_to_next_inplace(total)
         return total
 
@@ -326,11 +345,12 @@ class EncryptedLinearHead:
         grads = None
         if input_grad:  # before the update: autograd's dL/dx uses the weights of the forward pass
             grads = [self._dot([(g[k], self.weights[k][c]) for k in range(len(g))]) for c in range(self.layout.n_blocks)]
-        ev, steps = self.eng.evaluator, self.layout.rotation_steps()
+        ev = self.eng.evaluator
         for k, gk in enumerate(g):
             for c, xc in enumerate(self._x):
-                step = self._dot([(gk, xc)])  # lr * G[i, k] * x[i, f] in slot i * F + f, exactly at W's scale
-                _rotate_and_sum(ev, step, steps, self.keys.galois)  # sum over samples, broadcast to every sample
+                # lr * G[i, k] * x[i, f], summed over the samples i and broadcast to every sample's slot of
+                # feature f, exactly at W's scale
+                step = self._dot([(gk, xc)], batch_sum=True)
                 ev.sub_inplace(self.weights[k][c], step)
         self._x = None
         self.updates += 1
