@@ -203,6 +203,7 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     import numpy as np
     import torch
 
+    from attacks.leakage import chance_summary
     from attacks.scoring import curves, distractor_pool, label_accuracy, score_observation
 
     rows, pairs, label_acc = [], [], []
@@ -225,11 +226,16 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
         if rec.labels is not None:
             label_acc.append(label_accuracy(rec.labels, true_labels))
     finite = [r for r in rows if not math.isnan(r["ssim"])]
+
+    def by_chance(mine: list[dict[str, Any]]) -> dict[str, float]:
+        return chance_summary([r["chance"] for r in mine], sum(bool(r["leaked"]) for r in mine))
+
     summary = {
         "images": len(rows),
         "observations": len(recs),
         "views": sorted({r.view for r in recs}),
         "leakage_rate": float(np.mean([r["leaked"] for r in rows])) if rows else 0.0,
+        **by_chance(rows),
         "reidentified_rate": float(np.mean([r["reidentified"] for r in rows])) if rows else 0.0,
         "ssim_mean": float(np.mean([r["ssim"] for r in finite])) if finite else None,
         "psnr_mean": float(np.mean([r["psnr"] for r in finite])) if finite else None,
@@ -247,6 +253,7 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
         by_view[view] = {
             "images": len(mine),
             "leakage_rate": float(np.mean([r["leaked"] for r in mine])) if mine else 0.0,
+            **by_chance(mine),
             "reidentified_rate": float(np.mean([r["reidentified"] for r in mine])) if mine else 0.0,
             "ssim_mean": float(np.mean([r["ssim"] for r in ok])) if ok else None,
             "psnr_mean": float(np.mean([r["psnr"] for r in ok])) if ok else None,
@@ -270,7 +277,8 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     if server_views:
         worst = strongest(server_views)
         summary["worst_view"] = worst
-        for key in ("leakage_rate", "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean"):
+        for key in ("leakage_rate", "chance_leakage_rate", "chance_p_value", "reidentified_rate", "ssim_mean",
+                    "psnr_mean", "mean_image_ssim_mean"):
             summary[key] = by_view[worst][key]
         summary.update(curves([ScoredImage(**{k: r[k] for k in ScoredImage.__dataclass_fields__})
                                for r in rows if r["view"] == worst]))
@@ -326,7 +334,7 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
         results.append(result)
     if results:
         rows = [{**{k: r.get(k) for k in ("variant", "regime", "worst_view", "views", "images", "leakage_rate",
-                                          "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean",
+                                          "chance_leakage_rate", "chance_p_value", "reidentified_rate", "ssim_mean", "psnr_mean", "mean_image_ssim_mean",
                                           "label_accuracy", "attack_seconds", "fellow_leakage_rate",
                                           "fellow_ssim_mean")},
                  **_label_columns(r.get("label_leakage")), "by_view": r.get("by_view", {})} for r in results]
@@ -352,6 +360,13 @@ def _fellow(row: dict[str, Any]) -> str:
     return f"{row['fellow_leakage_rate']:.0%} ({_fmt(row.get('fellow_ssim_mean'), '.3f')})"
 
 
+def _chance(row: dict[str, Any]) -> str:
+    """The rate an attack that learned nothing would show, and P(the observed leaks or more by luck)."""
+    if row.get("chance_leakage_rate") is None:
+        return "—"
+    return f"{row['chance_leakage_rate']:.1%} ({row['chance_p_value']:.2f})"
+
+
 def _fmt(x: Any, spec: str) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -364,15 +379,15 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
         "The last column is a separate threat model: a curious fellow hospital inverting the encoder relayed to it "
         "(split learning with a trainable encoder).",
         "",
-        "| variant | regime | strongest view: attack | images | leakage rate | re-identified | SSIM | PSNR (dB) | mean-image SSIM | label accuracy | fellow hospital: leakage (SSIM) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | regime | strongest view: attack | images | leakage rate | by chance: rate (p) | re-identified | SSIM | PSNR (dB) | mean-image SSIM | label accuracy | fellow hospital: leakage (SSIM) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         views = r.get("by_view") or {}
         images = views[r["worst_view"]]["images"] if r.get("worst_view") in views else r["images"]
         lines.append(
             f"| {r['variant']} | {r['regime']} | {r.get('worst_view') or '—'} | {images} | {r['leakage_rate']:.0%} | "
-            f"{r['reidentified_rate']:.0%} | {_fmt(r['ssim_mean'], '.3f')} | {_fmt(r['psnr_mean'], '.1f')} | "
+            f"{_chance(r)} | {r['reidentified_rate']:.0%} | {_fmt(r['ssim_mean'], '.3f')} | {_fmt(r['psnr_mean'], '.1f')} | "
             f"{_fmt(r['mean_image_ssim_mean'], '.3f')} | {_fmt(r['label_accuracy'], '.0%')} | {_fellow(r)} |"
         )
     split_rows = [r for r in rows if r.get("by_view") and len(r["by_view"]) > 1 or r.get("label_norm_auc") is not None
@@ -382,13 +397,14 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
             "",
             "## Per view",
             "",
-            "| variant | view: attack | images | leakage rate | re-identified | SSIM | PSNR (dB) | mean-image SSIM |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| variant | view: attack | images | leakage rate | by chance: rate (p) | re-identified | SSIM | PSNR (dB) | mean-image SSIM |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in split_rows:
             for view, v in r["by_view"].items():
                 lines.append(
-                    f"| {r['variant']} | {view} | {v['images']} | {v['leakage_rate']:.0%} | {v['reidentified_rate']:.0%} | "
+                    f"| {r['variant']} | {view} | {v['images']} | {v['leakage_rate']:.0%} | {_chance(v)} | "
+                    f"{v['reidentified_rate']:.0%} | "
                     f"{_fmt(v['ssim_mean'], '.3f')} | {_fmt(v['psnr_mean'], '.1f')} | {_fmt(v['mean_image_ssim_mean'], '.3f')} |"
                 )
         lines += [
@@ -414,7 +430,8 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
         f"Attack: {settings.method}, {settings.iterations} iterations x {settings.restarts} restart(s). An image is leaked when "
         f"its reconstruction's nearest neighbour by SSIM, among the hospital's images and {settings.distractors} outside "
         f"images, is the image itself, and its SSIM beats the dataset-mean image's by at least {settings.margin} "
-        "(see attacks/README.md). SSIM: torchmetrics, Gaussian window 11, sigma 1.5, data range 1 on [0, 1] images.",
+        "(see attacks/README.md). 'By chance': the leakage rate expected if the reconstructions said nothing about which "
+        "image they came from, and in brackets the probability of at least the observed leaks by luck alone. SSIM: torchmetrics, Gaussian window 11, sigma 1.5, data range 1 on [0, 1] images.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,17 @@ counts as *leaked* only when both hold:
 
 Reconstructions are assumed already aligned with originals (pass
 ``match=True`` to align them by Hungarian matching first).
+
+**Chance level.** The rule can fire by luck: an attack that learned nothing
+still has a nearest neighbour, and with probability ``1 / len(pool)`` it is the
+true image. So each image also gets ``chance_i``: the probability of being
+counted as leaked if the reconstruction carried nothing about *which* image it
+came from. The hospital's images and the distractors come from one
+distribution, so to such a reconstruction every pool image is equally likely
+to be the true one: ``chance_i = 1[gain over its nearest neighbour >= margin] /
+len(pool)``. :func:`chance_summary` turns these into the expected chance rate
+and the probability of seeing at least the observed count by luck alone (a
+one-sided p-value, exact Poisson-binomial).
 """
 from __future__ import annotations
 
@@ -44,6 +55,7 @@ class LeakageDetails:
     reidentified: torch.Tensor  # bool: nearest == i
     leaked: torch.Tensor  # bool: reidentified and gain >= margin
     margin: float
+    chance: torch.Tensor | None = None  # P(leaked by luck): 1[gain over the nearest neighbour >= margin] / pool size
     perm: torch.Tensor | None = None  # Hungarian permutation applied to the reconstructions, if any
 
     @property
@@ -102,9 +114,11 @@ def leak_flags(
     nearest_ssim, nearest = sims.max(dim=1)
     reid = nearest == torch.arange(n)
     gain = rec_ssim - mean_ssim
+    pool_mean_ssim = ssim(mean_image.expand_as(pool), pool, value_range)
+    chance = (nearest_ssim - pool_mean_ssim[nearest] >= margin).double() / len(pool)
     return LeakageDetails(
         ssim=rec_ssim, mean_ssim=mean_ssim, gain=gain, nearest=nearest, nearest_ssim=nearest_ssim,
-        reidentified=reid, leaked=reid & (gain >= margin), margin=float(margin), perm=perm,
+        reidentified=reid, leaked=reid & (gain >= margin), margin=float(margin), chance=chance, perm=perm,
     )
 
 
@@ -122,3 +136,21 @@ def leakage_curve(details: LeakageDetails, margins: Sequence[float]) -> list[tup
 def ssim_cutoff_curve(details: LeakageDetails, thresholds: Sequence[float]) -> list[tuple[float, float]]:
     """The naive alternative, for comparison: fraction with SSIM >= t, no re-identification, no mean baseline."""
     return [(float(t), float((details.ssim >= t).float().mean())) for t in thresholds]
+
+
+def chance_summary(chance: Sequence[float], leaked: int) -> dict[str, float]:
+    """Expected leakage rate by luck, and P(at least ``leaked`` leaks by luck) (exact Poisson-binomial).
+
+    ``chance``: the per-image ``chance_i`` of :func:`leak_flags` (images without a reconstruction: 0).
+    A p-value near 1 says the observed leaks are what an attack that learned nothing would also show.
+    """
+    p = [float(c) for c in chance]
+    dist = [1.0]  # dist[k] = P(k leaks by luck among the images seen so far)
+    for pi in p:
+        nxt = [0.0] * (len(dist) + 1)
+        for k, q in enumerate(dist):
+            nxt[k] += q * (1.0 - pi)
+            nxt[k + 1] += q * pi
+        dist = nxt
+    return {"chance_leakage_rate": sum(p) / len(p) if p else 0.0,
+            "chance_p_value": min(1.0, sum(dist[leaked:])) if leaked > 0 else 1.0}

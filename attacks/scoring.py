@@ -34,6 +34,7 @@ class ScoredImage:
     gain: float
     reidentified: bool
     leaked: bool
+    chance: float = 0.0  # P(counted as leaked by luck), see attacks.leakage
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,7 +75,8 @@ def score_observation(
         if matched[i]:
             scored.append(ScoredImage(label, int(indices[i]), float(details.ssim[k]), float(values[k]),
                                       float(details.mean_ssim[k]), float(details.gain[k]),
-                                      bool(details.reidentified[k]), bool(details.leaked[k])))
+                                      bool(details.reidentified[k]), bool(details.leaked[k]),
+                                      float(details.chance[k])))
             k += 1
         else:
             scored.append(ScoredImage(label, int(indices[i]), float("nan"), float("nan"), float("nan"), float("nan"),

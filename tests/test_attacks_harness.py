@@ -37,12 +37,16 @@ def test_fedavg_updates_leak_and_encrypted_updates_do_not(tmp_path):
     # The attack ran on the ciphertexts as the server reads them; it got noise.
     assert he["views"] == ["ciphertexts read without the key"] and he["images"] == 2
     assert he["leakage_rate"] == 0.0 and abs(he["ssim_mean"]) < 0.2
+    # Chance level: two real leaks are not luck (p = chance rate^2 at most); no leak needs no luck (p = 1).
+    assert plain["chance_leakage_rate"] <= 1 / 100 and plain["chance_p_value"] < 1e-4
+    assert he["chance_p_value"] == 1.0
     for name in ("plain", "he"):
         saved = json.loads((tmp_path / name / "leakage.json").read_text())
         assert len(saved["per_image"]) == 2 and (tmp_path / name / "montage.png").stat().st_size > 0
         assert saved["leakage_vs_margin"][0][0] == 0.0
     table = (tmp_path / "leakage_summary.md").read_text()
-    assert "| plain | fedavg | plaintext update | 2 | 100% |" in table and "| he | fedavg |" in table
+    assert "| plain | fedavg | plaintext update | 2 | 100% | " in table and "| he | fedavg |" in table
+    assert "By chance" in table or "by chance" in table
     # A second call reuses the recorded runs (no retraining) and scores the same.
     again = {r["variant"]: r for r in run_attacks(cfg, tmp_path, log=lambda _: None)}
     assert again["plain"]["leakage_rate"] == 1.0

@@ -9,6 +9,7 @@ import torch
 
 from attacks.leakage import (
     MIN_DISTRACTORS,
+    chance_summary,
     leak_flags,
     leakage_curve,
     leakage_rate,
@@ -120,6 +121,36 @@ def test_curves_are_monotone_and_cutoff_counts_the_mean_image():
     assert rates == sorted(rates, reverse=True) and rates[-1] == 0.0
     cut = ssim_cutoff_curve(details, [-1.0, 2.0])
     assert cut == [(-1.0, 1.0), (2.0, 0.0)]
+
+
+def test_chance_level_matches_an_attack_that_knows_no_identity():
+    """An 'attack' that outputs a random pool image (sharp, but unrelated to the target) is counted as leaked
+    exactly when it happens to draw the target: 1 / len(pool) per image, which is what chance_i says."""
+    targets, distractors = _pool()
+    pool = torch.cat([targets, distractors])
+    gen = torch.Generator().manual_seed(3)
+    hits, chance = 0, []
+    for _ in range(50):
+        rec = pool[torch.randint(len(pool), (len(targets),), generator=gen)]
+        details = leak_flags(rec, targets, distractors)
+        hits += int(details.leaked.sum())
+        chance += details.chance.tolist()
+    assert np.allclose(chance, 1 / len(pool))  # a copy of a pool image beats the mean image over its neighbour
+    expected = len(chance) / len(pool)  # 200 draws / 104 images: about 1.9 hits
+    assert hits <= 8, f"{hits} chance hits, {expected:.1f} expected"
+    mean = distractors.mean(dim=0).expand_as(targets).clone()
+    assert (leak_flags(mean, targets, distractors).chance == 0).all()  # the mean image beats no one by the margin
+
+
+def test_chance_summary_is_the_exact_binomial_tail():
+    from scipy.stats import binom
+
+    s = chance_summary([0.01] * 64, leaked=1)
+    assert s["chance_leakage_rate"] == pytest.approx(0.01)
+    assert s["chance_p_value"] == pytest.approx(binom.sf(0, 64, 0.01))
+    assert chance_summary([0.01] * 64, leaked=3)["chance_p_value"] == pytest.approx(binom.sf(2, 64, 0.01))
+    assert chance_summary([0.5, 0.0], leaked=0) == {"chance_leakage_rate": 0.25, "chance_p_value": 1.0}
+    assert chance_summary([0.0, 0.0], leaked=1)["chance_p_value"] == 0.0  # a leak no luck explains
 
 
 def test_small_pool_and_shape_errors():
