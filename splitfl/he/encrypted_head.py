@@ -32,17 +32,20 @@ the hospital encrypts ``lr * G`` at the scale ``q`` of the prime the first resca
 approximation; forward and input-gradient outputs carry their exact scale, which decoding uses.
 What does grow is the error the weights accumulate, one product and its batch sum per update.
 
-**Why the batch sum happens before the rescale.** Each rotation key-switches, and SEAL's key switching
-splits ``c1`` into RNS digits taken in ``[0, q_j)``, not centred. Their mean ``q_j / 2`` leaves a
+**The batch sum's fixed error, and how it is cancelled.** Each rotation key-switches, and SEAL's key
+switching splits ``c1`` into RNS digits taken in ``[0, q_j)``, not centred. Their mean ``q_j / 2`` leaves a
 *fixed* term, about ``(q_j / 2P) * (1 + x + ... + x^(N-1)) * e_j`` with ``e_j`` the Galois key's error and
-``P`` the special prime. It does not depend on the data or on the encryption's randomness, it is large
+``P`` the special prime. It depends neither on the data nor on the encryption's randomness, it is large
 only for data primes as big as ``P`` (the 60-bit base prime here), and the all-ones polynomial puts it in a
-handful of slots, slot 0 the worst. Summed after the rescale, at the weights' scale 2^50, it came to
-~1.6e-9 in slot 0 per rotation; every update added it again, the same sign each time, so the weights
-drifted *linearly*, ~2.2e-9 per update, at exactly the slots the release reads. The error is fixed at the
-polynomial level, though, so :meth:`EncryptedLinearHead._dot` rotates and adds while the product still
-has scale ``q * 2^50``; the rescale then divides it by ``q`` (~2^50) with everything else. Measured with
-``splitfl bench he-head --full-drift 3000`` (a 32 -> 2 head at batch 8; the README has the numbers).
+handful of slots, slot 0 the worst: ~1.6e-9 there per rotation at the weights' scale 2^50. Every update
+subtracted it again with the same sign, so the weights drifted *linearly*, ~2.2e-9 per update, at exactly
+the slots the release reads. Because the term is the same for every ciphertext at one level, the server
+cancels it: each update it also batch-sums a fresh public-key encryption of zero (the same rotations, one
+ladder next to the update's ``K * blocks``) and adds that back. What is left is fresh noise each update, so
+the error grows like a random walk: on a 32 -> 2 head at batch 8, 600 updates leave 2.8e-9 where the
+uncancelled sum left ~8e-7 (``splitfl bench he-head --full-drift N``; the README has the numbers). Rotating
+before the rescale, at scale ``q * 2^50``, would divide the term by ``q`` instead (1.4e-10 after 600
+updates), but every rotation would then work on three primes, not two: the update costs 1.45x.
 :meth:`EncryptedLinearHead.needs_refresh` still asks the key holders to decrypt and re-encrypt the weights
 once a budget of updates is spent (:data:`DEFAULT_REFRESH_EVERY`), and
 :attr:`EncryptedLinearHead.refreshes` counts how often that happened.
@@ -298,14 +301,8 @@ class EncryptedLinearHead:
         self.eng.evaluator.mod_switch_to(ct, parms_id, out)
         return out
 
-    def _dot(self, pairs: list[tuple[sa.Ciphertext, sa.Ciphertext]], batch_sum: bool = False) -> sa.Ciphertext:
-        """Sum of products at the lower level of each pair, relinearised and rescaled once (lazily).
-
-        With ``batch_sum`` the product is also summed over the batch (rotate-and-add) *before* the rescale,
-        at scale ``scale_a * scale_b``: key switching adds an error that is fixed at the polynomial level,
-        so there it is divided by the dropped prime (~2^50) along with everything else, instead of landing
-        on the weights at their own scale (see the module docstring).
-        """
+    def _dot(self, pairs: list[tuple[sa.Ciphertext, sa.Ciphertext]]) -> sa.Ciphertext:
+        """Sum of products at the lower level of each pair, relinearised and rescaled once (lazily)."""
         ev, ctx = self.eng.evaluator, self.eng.context
         total: Optional[sa.Ciphertext] = None
         for a, b in pairs:
@@ -319,10 +316,22 @@ class EncryptedLinearHead:
                 ev.add_inplace(total, prod)
         assert total is not None
         ev.relinearize_inplace(total, self.keys.relin)
-        if batch_sum:
-            _rotate_and_sum(ev, total, self.layout.rotation_steps(), self.keys.galois)
         ev.rescale_to_next_inplace(total)
         return total
+
+    def _batch_sum_bias(self) -> Optional[sa.Ciphertext]:
+        """The fixed error of one batch sum, to add back: the batch sum of a fresh public-key ``enc(0)``.
+
+        Made anew for every update (one ladder against the ``K * blocks`` of the update), so what it does not
+        cancel is fresh noise that averages out instead of adding up (see the module docstring).
+        """
+        steps = self.layout.rotation_steps()
+        if not steps:
+            return None
+        ref = self.weights[0][0]
+        zero = self.eng.encrypt_zero(ref.parms_id(), ref.scale)
+        _rotate_and_sum(self.eng.evaluator, zero, steps, self.keys.galois)
+        return zero
 
     def _incoming(self, data: list[bytes], n: int, what: str, scale: Optional[float] = None) -> list[sa.Ciphertext]:
         if len(data) != n:
@@ -345,13 +354,14 @@ class EncryptedLinearHead:
         grads = None
         if input_grad:  # before the update: autograd's dL/dx uses the weights of the forward pass
             grads = [self._dot([(g[k], self.weights[k][c]) for k in range(len(g))]) for c in range(self.layout.n_blocks)]
-        ev = self.eng.evaluator
+        ev, steps, bias = self.eng.evaluator, self.layout.rotation_steps(), self._batch_sum_bias()
         for k, gk in enumerate(g):
             for c, xc in enumerate(self._x):
-                # lr * G[i, k] * x[i, f], summed over the samples i and broadcast to every sample's slot of
-                # feature f, exactly at W's scale
-                step = self._dot([(gk, xc)], batch_sum=True)
+                step = self._dot([(gk, xc)])  # lr * G[i, k] * x[i, f] in slot i * F + f, exactly at W's scale
+                _rotate_and_sum(ev, step, steps, self.keys.galois)  # sum over samples, broadcast to every sample
                 ev.sub_inplace(self.weights[k][c], step)
+                if bias is not None:  # the key-switching error the batch sum just subtracted, added back
+                    ev.add_inplace(self.weights[k][c], bias)
         self._x = None
         self.updates += 1
         self.updates_since_refresh += 1
