@@ -27,6 +27,8 @@ SPLIT_RPCS = [
     ("UploadRelay", True, False),
     ("DownloadRelay", False, True),
     ("ReportEval", False, False),
+    ("UploadWeights", True, False),
+    ("DownloadWeights", False, True),
 ]
 FED_RPCS = [
     ("Status", False, False),

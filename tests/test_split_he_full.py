@@ -99,3 +99,41 @@ def test_configurations_split_he_full_cannot_train_are_refused(tmp_path, change,
         return
     with pytest.raises(RunError, match=match):
         run(cfg, tmp_path)
+
+
+def test_the_final_test_runs_through_the_best_epochs_head():
+    """fit() loads best_model.pt before the test; the server's enc(W) must follow (re-encrypted by the key
+    holders in process; the gRPC server restores the ciphertexts it exported then), not stay at the last epoch."""
+    import torch
+
+    from splitfl.he.encrypted_head import FullHeadHospital, FullHeadLayout, full_public_context_bytes
+    from splitfl.he.keys import create_secret_context
+    from splitfl.he.params import PRESETS
+    from splitfl.split.full_server import FullSplitServer, pack_weight_rows
+    from splitfl.split.transport import FullHETransport
+
+    secret = create_secret_context(PRESETS["full"])
+    layout = FullHeadLayout(6, 2, 4, 8192)
+    w0, b0 = torch.randn(2, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    initial = pack_weight_rows(FullHeadHospital(secret, layout).encrypt_weights(w0, b0))
+    server = FullSplitServer(full_public_context_bytes(secret, layout), 6, 2, 4, initial, refresh_every=3)
+    transport = FullHETransport(server, secret)
+
+    def step() -> None:
+        transport.forward(torch.randn(4, 6))
+        transport.backward(torch.randn(4, 2), lr=0.1, input_grad=False)
+        transport.refresh_if_needed()
+
+    step(), step()
+    best_w, best_b = transport.release()  # "epoch 1": the best
+    exported = server.export_weights()
+    for _ in range(3):
+        step()
+    assert server.head.refreshes == 1 and (transport.release()[0] - best_w).abs().max() > 1e-3
+    transport.restore(best_w, best_b)  # in process: the key holders encrypt the best head again
+    w, b = transport.release()
+    assert torch.allclose(w, best_w, atol=1e-9) and torch.allclose(b, best_b, atol=1e-9)
+    assert server.head.refreshes == 1 and server.head.updates == 5  # a restore is not a refresh
+    step()
+    server.restore_weights(exported, fresh=False)  # the gRPC server: its own ciphertexts of then
+    assert torch.allclose(transport.release()[0], best_w, atol=1e-9)

@@ -287,6 +287,15 @@ class EncryptedLinearHead:
         self.updates_since_refresh = int(state["updates_since_refresh"])  # type: ignore[arg-type]
         self.refreshes = int(state["refreshes"])  # type: ignore[arg-type]
 
+    def restore_weights(self, weights: list[list[bytes]], fresh: bool) -> None:
+        """Go back to an earlier head (the best epoch's, for the final test), counters kept: not a refresh.
+
+        ``fresh``: the key holders' new encryption of it, or, ``False``, ciphertexts this server exported then.
+        """
+        self.weights = self._load_weights(weights, fresh)
+        if fresh:
+            self.updates_since_refresh = 0
+
     def replace_weights(self, weights: list[list[bytes]]) -> None:
         """A refresh: the key holders' fresh encryption of the (decrypted) weights replaces the worn ones."""
         self.weights = self._load_weights(weights)

@@ -47,7 +47,7 @@ def _run_error(msg: str) -> Exception:
 
 
 def _split_remote(name: str) -> Callable[..., Any]:
-    """The split-learning entry point of that name (split-plain / split-he over gRPC)."""
+    """The split-learning entry point of that name (split-plain / split-he / split-he-full over gRPC)."""
     import importlib
 
     return getattr(importlib.import_module("splitfl.net.split_remote"), name)

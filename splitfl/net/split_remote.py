@@ -1,4 +1,4 @@
-"""split-plain / split-he with the server (head) and the hospitals (encoders, data, labels, keys) in separate processes.
+"""split-plain / split-he / split-he-full with the server (head) and the hospitals (encoders, data, labels, keys) in separate processes.
 
 Architecture
 ------------
@@ -38,6 +38,29 @@ Architecture
   travel in the sealed relay, so each hospital reports its own spent epsilon
   with ``EndEpoch`` (``EndEpochRequest.epsilon``); the server's history and
   ``metrics.json`` carry the same ``epsilon`` / ``privacy`` as in process.
+
+* split-he-full (:mod:`splitfl.he.encrypted_head`): the server's head is
+  ``enc(W)``, a :class:`~splitfl.split.full_server.FullSplitServer` built once
+  it holds the consortium's PUBLIC context (``UploadContext``: relinearisation
+  and batch-sum Galois keys, ``full_public_context_bytes``) and the initial
+  ``enc(W)``, which the first hospital whose ``Hello`` says ``weights_needed``
+  encrypts and uploads (``UploadWeights`` INITIAL); before that every training
+  or evaluation call is refused. ``Forward`` / ``Backward`` carry exactly the
+  in-process ``FullHETransport`` messages (``SFCT`` ciphertext lists:
+  ``enc(x)``, ``enc(partial logits)``, ``enc(lr G)``, ``enc(dL/dx)``); when the
+  head's update budget is spent ``Backward`` says ``refresh_needed`` and the
+  step stays open until its holder downloads ``enc(W)``, decrypts,
+  re-encrypts and uploads it (``DownloadWeights`` / ``UploadWeights``
+  REFRESH; the server counts it). When the validation score improves the
+  server asks one hospital to release the head (``TURN_STATE_RELEASE``): it
+  downloads ``enc(W)``, decrypts it and writes the released plaintext model,
+  ``<hospital out>/best_model.pt`` (encoder + head, as ``splitfl train``
+  writes it). Who writes what: the server writes ``checkpoint.pt`` (``enc(W)``
+  and its update/refresh counters, the sealed relay), ``best_model.pt``
+  (the sealed relay and the best epoch's ``enc(W)``: never a plaintext head),
+  the metrics and the transcript; only hospitals write plaintext weights. As
+  in process, the test split is evaluated through the best epoch's head: the
+  server puts that ``enc(W)`` back before the test.
 
 Entry points: :func:`run_split_server` and :func:`run_split_site`.
 """
@@ -95,6 +118,8 @@ SERVER_VERSION = "splitfl-split/1"
 MAX_PAYLOAD_BYTES = 256 << 20  # activations, ciphertexts, relay blobs
 MAX_CONTEXT_BYTES = 1 << 30  # public contexts with Galois keys
 RELAY_KEY_FILE = "relay.secret"
+REGIMES = ("split-plain", "split-he", "split-he-full")
+HE_REGIMES = ("split-he", "split-he-full")  # the hospitals hold the consortium's CKKS secret key
 _BUILD_LOCK = threading.Lock()  # seeding + model construction use torch's global RNG: one party at a time per process
 
 
@@ -220,16 +245,18 @@ def relay_key_material(keys_dir: Path, he: bool) -> bytes:
 def ensure_consortium_keys(cfg: Any, keys_dir: Any) -> Path:
     """Make the hospitals' shared key file once, before the hospitals start (launchers call this, then copy or share it).
 
-    split-he: ``consortium.secret`` (the CKKS secret context; its key material also seals the relay);
-    split-plain: ``relay.secret`` (32 random bytes), needed only when something is relayed. Never give
-    either file to the server. Returns the folder.
+    split-he / split-he-full: ``consortium.secret`` (the CKKS secret context, of the ``full`` preset in
+    split-he-full; its key material also seals the relay); split-plain: ``relay.secret`` (32 random bytes),
+    needed only when something is relayed. Never give either file to the server. Returns the folder.
     """
     keys_dir = Path(keys_dir)
     keys_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.regime == "split-he":
+    if cfg.regime in HE_REGIMES:
         from splitfl.he.keys import consortium_secret_context
+        from splitfl.split.runner import full_preset
 
-        consortium_secret_context(keys_dir / "consortium.secret", cfg.split.he_preset, "split.he_preset")
+        preset = full_preset(cfg) if cfg.regime == "split-he-full" else cfg.split.he_preset
+        consortium_secret_context(keys_dir / "consortium.secret", preset, "split.he_preset")
     elif relay_needed(cfg):
         relay_key_material(keys_dir, False)
     return keys_dir
@@ -272,6 +299,9 @@ class _Sessions:
             self.seen[site] = {s for s in self.seen[site] if s > self.highest[site] - self.window}
 
 
+RELEASE = "release"  # the Coordinator's request kind for a split-he-full release (next to "val" / "test")
+
+
 @dataclasses.dataclass
 class _Eval:
     eval_id: int
@@ -279,6 +309,7 @@ class _Eval:
     site: int
     asked: float
     result: Optional[dict] = None
+    info: dict = dataclasses.field(default_factory=dict)  # a release's epoch and validation AUROC
 
 
 class Coordinator:
@@ -345,6 +376,8 @@ class Coordinator:
             return pb.GetTurnResponse(state=pb.TURN_STATE_RUN_DONE, **base)
         ev = self.eval
         if ev is not None and ev.result is None and ev.site == site:
+            if ev.split == RELEASE:
+                return pb.GetTurnResponse(state=pb.TURN_STATE_RELEASE, eval_id=ev.eval_id, **ev.info, **base)
             return pb.GetTurnResponse(state=pb.TURN_STATE_EVALUATE, eval_split=ev.split, eval_id=ev.eval_id, **base)
         if self.phase == "train" and epoch < self.epoch:  # the site is behind: tell it the epoch at once
             return pb.GetTurnResponse(state=pb.TURN_STATE_WAIT, retry_after_ms=0, **base)
@@ -444,7 +477,9 @@ class Coordinator:
                 return s
         return None
 
-    def evaluate(self, split: str) -> dict:
+    def evaluate(self, split: str, **info: Any) -> dict:
+        """Ask one live hospital to evaluate ``split`` ("val", "test") or, split-he-full, to release the head
+        (``split`` = :data:`RELEASE`, ``info`` the GetTurnResponse release fields); its ReportEval answer."""
         with self.cond:
             tried: set[int] = set()
             while True:
@@ -453,7 +488,7 @@ class Coordinator:
                        [s for s in range(self.num_sites) if s not in tried]
                 if not live:
                     raise RuntimeError(f"no hospital evaluated the {split} split")
-                ev = _Eval(self.next_eval, split, live[0], time.monotonic())
+                ev = _Eval(self.next_eval, split, live[0], time.monotonic(), info=info)
                 self.next_eval += 1
                 self.eval = ev
                 self.cond.notify_all()
@@ -484,15 +519,24 @@ class Coordinator:
 # ============================================================================ server: the gRPC service
 
 
+_MODES = {"split-plain": "plain", "split-he": "he", "split-he-full": "full"}
+_PB_MODES = {"plain": pb.SPLIT_MODE_PLAIN, "he": pb.SPLIT_MODE_HE, "full": pb.SPLIT_MODE_HE_FULL}
+_WIRE = {"plain": pb.PAYLOAD_ENCODING_TENSOR, "he": pb.PAYLOAD_ENCODING_CKKS_BATCH, "full": pb.PAYLOAD_ENCODING_CKKS_LIST}
+
+
 class SplitServicer(pbg.SplitServiceServicer):
-    """``SplitService`` around a :class:`SplitServer` built on the head (the SplitServer is made when the context arrives in split-he)."""
+    """``SplitService`` around a :class:`SplitServer` built on the head (made when the context arrives in split-he).
+
+    split-he-full: around a :class:`~splitfl.split.full_server.FullSplitServer`, made when a hospital has
+    uploaded the public context and then the initial ``enc(W)`` (a checkpointed head, if any, is put over it).
+    """
 
     def __init__(self, cfg: Any, run_id: str, head: torch.nn.Module, head_opt: Any, head_sched: Any,
                  coordinator: Coordinator, *, authenticated: bool = True, recorder: Any = None) -> None:
         from splitfl.split.server import SplitServer
 
         self.cfg, self.run_id, self.fp = cfg, run_id, config_fingerprint(cfg)
-        self.mode = "he" if cfg.regime == "split-he" else "plain"
+        self.mode = _MODES[cfg.regime]
         self.head, self.head_opt, self.head_sched = head, head_opt, head_sched
         self.coord = coordinator
         self.authenticated = authenticated
@@ -500,10 +544,15 @@ class SplitServicer(pbg.SplitServiceServicer):
         self.sessions = _Sessions()
         self.lock = threading.RLock()  # one SplitServer operation at a time
         self.layers = list(head.linear_layers()) if hasattr(head, "linear_layers") else [head]
-        self.server: Optional[SplitServer] = None
+        self.server: Optional[Any] = None  # SplitServer, or FullSplitServer in split-he-full
         if self.mode == "plain":
             self.server = SplitServer(head, head_opt, head_sched, "plain", recorder=recorder)
         self.context_fp = b""
+        # split-he-full: the public context until the initial enc(W) arrives, its slots, and a checkpoint's
+        # head state (FullSplitServer.state_dict) waiting for the head to be built.
+        self.full_context: Optional[bytes] = None
+        self.full_slots = 0
+        self.full_pending: Optional[dict[str, Any]] = None
         self.bytes_up = self.bytes_down = 0
 
     # ---------------------------------------------------------------- checks
@@ -549,8 +598,87 @@ class SplitServicer(pbg.SplitServiceServicer):
     def _need_server(self) -> Any:
         if self.server is None:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                         "split-he-full: the server holds no encrypted head yet: a hospital must UploadContext, then "
+                         "UploadWeights (INITIAL) before any training or evaluation" if self.mode == "full" else
                          "the server has no public context yet: UploadContext first", retry_after_ms=500)
         return self.server
+
+    def _not_full(self, what: str) -> None:
+        if self.mode == "full":
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                         f"{what} does not exist in split-he-full (Backward updates enc(W) on ciphertexts)")
+
+    def _full_only(self, what: str) -> None:
+        if self.mode != "full":
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                         f"{what}: only split-he-full holds encrypted weights (this server runs {self.cfg.regime})")
+
+    def _layer_kw(self, layer: int) -> dict[str, int]:
+        """The ``layer`` argument of SplitServer's calls; FullSplitServer's head is one layer and takes none."""
+        if self.mode != "full":
+            return {"layer": layer}
+        if layer != 0:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD,
+                         f"layer {layer}: the split-he-full head is one encrypted linear layer (layer 0)")
+        return {}
+
+    def _check_full_context(self, data: bytes) -> tuple[int, bytes]:
+        """split-he-full: (slots, fingerprint) of a public context fit for the encrypted head (HEError if not)."""
+        from splitfl.he import HEError
+        from splitfl.he.encrypted_head import FullHeadLayout
+        from splitfl.he.keys import context_fingerprint, engine_for, load_public_context
+
+        ctx = load_public_context(data)  # refuses a context that can decrypt
+        eng = engine_for(ctx)
+        lin = self.layers[0]
+        layout = FullHeadLayout(lin.in_features, lin.out_features, self.cfg.train.batch_size, eng.slots)
+        if eng.levels < 2:
+            raise HEError(f"the context has {eng.levels} rescaling level(s); split-he-full needs two (preset full)")
+        if not ctx.has_relin_keys() or (layout.rotation_steps() and not ctx.has_galois_keys()):
+            raise HEError("split-he-full needs relinearisation and batch-sum Galois keys in the public context "
+                          "(splitfl.he.encrypted_head.full_public_context_bytes)")
+        return eng.slots, _fp_bytes(context_fingerprint(ctx))
+
+    def _write_public_context(self, data: bytes) -> None:
+        """The context the server holds, next to its transcript, so the transcript can be read as it was held."""
+        if self.recorder is not None:
+            from splitfl.artifacts import write_bytes
+
+            write_bytes(self.recorder.folder / "server_public_context.bin", data, 0o644)
+
+    # ---------------------------------------------------------------- split-he-full: the head's state
+
+    def full_state(self) -> Optional[dict[str, Any]]:
+        """The encrypted head as held (enc(W) and its update/refresh counters), for the server's checkpoint."""
+        with self.lock:
+            return self.server.state_dict() if self.server is not None else self.full_pending
+
+    def load_full_state(self, state: Optional[dict[str, Any]]) -> None:
+        """Resume: put a checkpointed head over the current one, or keep it until the head is built."""
+        if state is None:
+            return
+        with self.lock:
+            if self.server is not None:
+                self.server.load_state_dict(state)
+            else:
+                self.full_pending = state
+
+    def restore_full_weights(self, payload: bytes) -> None:
+        """The best epoch's enc(W), exported by this server then, back in place for the final test."""
+        with self.lock:
+            if self.server is None:
+                raise RuntimeError("restore_full_weights before the encrypted head was built")
+            self.server.restore_weights(payload, fresh=False)
+
+    def full_counters(self) -> dict[str, int]:
+        """metrics.json's head_updates / head_refreshes / refresh_every, as the in-process run reports them."""
+        with self.lock:
+            if self.server is not None:
+                head = self.server.head
+                return {"head_updates": head.updates, "head_refreshes": head.refreshes, "refresh_every": head.refresh_every}
+            state = self.full_pending or {}
+        return {"head_updates": int(state.get("updates", 0)), "head_refreshes": int(state.get("refreshes", 0)),
+                "refresh_every": self.cfg.split.full_refresh_every}
 
     def _encoding(self, got: int, want: int) -> None:
         if got != want:
@@ -567,13 +695,14 @@ class SplitServicer(pbg.SplitServiceServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, str(e)) from None
 
     def _wire(self) -> int:
-        return pb.PAYLOAD_ENCODING_CKKS_BATCH if self.mode == "he" else pb.PAYLOAD_ENCODING_TENSOR
+        return _WIRE[self.mode]
 
     @staticmethod
-    def _reply(message: Any, seq: int, payload: bytes) -> Iterator[Any]:
+    def _reply(message: Any, seq: int, payload: bytes, **first_fields: Any) -> Iterator[Any]:
+        """The chunks of ``payload``; the first message also carries the header and ``first_fields``."""
         first = True
         for c in split_payload(payload):
-            yield message(header=_resp_header(seq), chunk=c) if first else message(chunk=c)
+            yield message(header=_resp_header(seq), chunk=c, **first_fields) if first else message(chunk=c)
             first = False
 
     def _guard(fn: Callable) -> Callable:  # a decorator of the methods below
@@ -618,22 +747,24 @@ class SplitServicer(pbg.SplitServiceServicer):
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
                          f"encoder width {request.feature_dim} != head input {self.layers[0].in_features}")
         with self.lock:
-            if self.mode == "he" and self.context_fp and request.context_fingerprint != self.context_fp:
+            if self.mode != "plain" and self.context_fp and request.context_fingerprint != self.context_fp:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
                              "the hospital encrypts under another consortium context than the server holds")
             sid = self.sessions.open(site, bytes(request.client_nonce))
             srv = self.server
-            slots = srv.he.slots if (srv is not None and srv.he is not None) else 0
+            full = self.mode == "full"
+            slots = self.full_slots if full else (srv.he.slots if (srv is not None and srv.he is not None) else 0)
             predict = bool(srv is not None and getattr(srv, "he_mlp", None) is not None
                            and srv.context is not None and srv.context.has_galois_keys())
+            context_needed = self.full_context is None if full else (self.mode == "he" and srv is None)
         return pb.SplitHelloResponse(
             header=_resp_header(0),
             session=pb.SessionInfo(session_id=sid, replay_window=self.sessions.window, max_chunk_bytes=DEFAULT_CHUNK_SIZE,
                                    max_payload_bytes=MAX_PAYLOAD_BYTES, server_version=SERVER_VERSION),
-            mode=pb.SPLIT_MODE_HE if self.mode == "he" else pb.SPLIT_MODE_PLAIN,
+            mode=_PB_MODES[self.mode],
             layers=[pb.HeadLayer(in_features=l.in_features, out_features=l.out_features) for l in self.layers],
             batch_capacity=self.cfg.train.batch_size, slots=slots, predict_available=predict,
-            context_needed=self.mode == "he" and srv is None, num_sites=self.coord.num_sites,
+            context_needed=context_needed, num_sites=self.coord.num_sites, weights_needed=full and srv is None,
         )
 
     @_guard
@@ -643,11 +774,22 @@ class SplitServicer(pbg.SplitServiceServicer):
 
         first, chunks = self._open(request_iterator, ("header", "meta"))
         self._site(first.header, context)
-        if self.mode != "he":
+        if self.mode == "plain":
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER, "split-plain needs no context")
         data = self._payload(chunks, MAX_CONTEXT_BYTES)
         with self.lock:
-            if self.server is None:
+            if self.mode == "full":
+                if self.full_context is None:
+                    slots, fp = self._run(lambda: self._check_full_context(data))
+                    if first.meta.context_fingerprint and fp != first.meta.context_fingerprint:
+                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD,
+                                     "the context's fingerprint differs from the announced one")
+                    self.full_context, self.full_slots, self.context_fp = data, slots, fp
+                    self._write_public_context(data)
+                elif first.meta.context_fingerprint != self.context_fp:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
+                                 "the server already holds another consortium context")
+            elif self.server is None:
                 srv = self._run(lambda: SplitServer(self.head, self.head_opt, self.head_sched, "he", data,
                                                     self.cfg.train.batch_size, self.recorder))
                 fp = _fp_bytes(context_fingerprint(srv.context))
@@ -657,6 +799,7 @@ class SplitServicer(pbg.SplitServiceServicer):
                 if srv.has_secret_key():  # load_public_context already refuses; belt and braces
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, "context holds a secret key")
                 self.server, self.context_fp = srv, fp
+                self._write_public_context(data)
             elif first.meta.context_fingerprint != self.context_fp:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_RUN_MISMATCH,
                              "the server already holds another consortium context")
@@ -687,7 +830,8 @@ class SplitServicer(pbg.SplitServiceServicer):
                 with self.coord.cond:
                     self.coord.require_step(site, call.step)
             t = time.perf_counter()
-            reply = self._run(lambda: srv.forward(payload, train=call.train, layer=call.layer))
+            layer = self._layer_kw(call.layer)
+            reply = self._run(lambda: srv.forward(payload, train=call.train, **layer))
             if call.train:
                 self.coord.server_time(time.perf_counter() - t)
                 self.bytes_up += len(payload)
@@ -708,19 +852,26 @@ class SplitServicer(pbg.SplitServiceServicer):
             with self.coord.cond:
                 self.coord.require_step(site, call.step)
             t = time.perf_counter()
-            reply = self._run(lambda: srv.backward(payload, layer=call.layer))
+            refresh = False
+            if self.mode == "full":  # enc(lr G) in: enc(W) takes its step; enc(dL/dx) out if the encoder trains
+                self._layer_kw(call.layer)
+                reply = self._run(lambda: srv.backward(payload, input_grad=call.input_grad)) or b""
+                refresh = srv.needs_refresh()  # the step stays open for the holder's refresh
+            else:
+                reply = self._run(lambda: srv.backward(payload, layer=call.layer))
             self.coord.server_time(time.perf_counter() - t)
             self.bytes_up += len(payload)
             self.bytes_down += len(reply)
-            if self.coord.close_on == "backward":
+            if self.coord.close_on == "backward" and not refresh:
                 with self.coord.cond:
                     self.coord.close_step(site)
-        yield from self._reply(pb.BackwardResponse, first.header.sequence, reply)
+        yield from self._reply(pb.BackwardResponse, first.header.sequence, reply, refresh_needed=refresh)
 
     @_guard_stream
     def Predict(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         first, chunks = self._open(request_iterator, ("header", "call"))
         self._site(first.header, context)
+        self._not_full("Predict")
         self._encoding(first.call.encoding, pb.PAYLOAD_ENCODING_CKKS_BATCH)
         payload = self._payload(chunks)
         with self.lock:
@@ -733,6 +884,7 @@ class SplitServicer(pbg.SplitServiceServicer):
         first, chunks = self._open(request_iterator, ("header", "call"))
         site = self._site(first.header, context)
         call = first.call
+        self._not_full("ApplyUpdate (a plaintext head update)")
         self._encoding(call.encoding, pb.PAYLOAD_ENCODING_TENSOR)
         with self.coord.cond:
             self.coord.require_step(site, call.step)
@@ -784,10 +936,13 @@ class SplitServicer(pbg.SplitServiceServicer):
     @_guard
     def ReportEval(self, request: Any, context: grpc.ServicerContext) -> Any:
         site = self._site(request.header, context)
+        with self.coord.cond:
+            ev = self.coord.eval
+            need = "released" if ev is not None and ev.split == RELEASE and ev.eval_id == request.eval_id else "auroc_macro"
         try:
             metrics = json.loads(request.metrics_json)
-            if not isinstance(metrics, dict) or "auroc_macro" not in metrics:
-                raise ValueError("no auroc_macro")
+            if not isinstance(metrics, dict) or need not in metrics:
+                raise ValueError(f"no {need}")
         except ValueError as e:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, f"metrics are not usable: {e}") from None
         with self.coord.cond:
@@ -802,6 +957,81 @@ class SplitServicer(pbg.SplitServiceServicer):
                                            float(request.epsilon))
         return pb.EndEpochResponse(header=_resp_header(request.header.sequence), epoch=request.epoch,
                                    epoch_closed=pending == 0, sites_pending=pending)
+
+    @_guard
+    def UploadWeights(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """split-he-full: the initial enc(W) (builds the head) or a due refresh's re-encryption (closes the step)."""
+        from splitfl.split.full_server import FullSplitServer
+
+        first, chunks = self._open(request_iterator, ("header", "meta"))
+        site = self._site(first.header, context)
+        meta = first.meta
+        self._full_only("UploadWeights")
+        if meta.purpose == pb.WEIGHTS_PURPOSE_REFRESH:
+            with self.coord.cond:
+                self.coord.require_step(site, meta.step)
+        elif meta.purpose != pb.WEIGHTS_PURPOSE_INITIAL:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD,
+                         f"UploadWeights purpose {pb.WeightsPurpose.Name(meta.purpose)}: INITIAL or REFRESH")
+        payload = self._payload(chunks)
+        with self.lock:
+            if meta.purpose == pb.WEIGHTS_PURPOSE_INITIAL:
+                if self.server is not None:
+                    raise _Abort(grpc.StatusCode.ALREADY_EXISTS, pb.ERROR_CODE_OUT_OF_ORDER,
+                                 "the server already holds the encrypted head (another hospital uploaded it)")
+                if self.full_context is None:
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                                 "no public context yet: UploadContext before the initial weights", retry_after_ms=500)
+                lin = self.layers[0]
+                srv = self._run(lambda: FullSplitServer(self.full_context, lin.in_features, lin.out_features,
+                                                        self.cfg.train.batch_size, payload,
+                                                        self.cfg.split.full_refresh_every, self.recorder))
+                if self.full_pending is not None:  # resumed: the checkpointed enc(W) and counters, as in process
+                    self._run(lambda: srv.load_state_dict(self.full_pending))
+                    self.full_pending = None
+                self.server = srv
+            else:
+                srv = self._need_server()
+                with self.coord.cond:
+                    self.coord.require_step(site, meta.step)
+                if not srv.needs_refresh():
+                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                                 f"no refresh is due (the head has taken {srv.head.updates_since_refresh} of "
+                                 f"{srv.head.refresh_every} updates since the last)")
+                self._run(lambda: srv.replace_weights(payload))
+                self.bytes_up += len(payload)
+                if self.coord.close_on == "backward":
+                    with self.coord.cond:
+                        self.coord.close_step(site)
+            updates, refreshes = srv.head.updates, srv.head.refreshes
+        return pb.UploadWeightsResponse(header=_resp_header(first.header.sequence), updates=updates, refreshes=refreshes)
+
+    @_guard_stream
+    def DownloadWeights(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """split-he-full: enc(W) for a due refresh (the step's holder) or a release (the hospital asked to)."""
+        site = self._site(request.header, context)
+        self._full_only("DownloadWeights")
+        with self.lock:
+            srv = self._need_server()
+            with self.coord.cond:
+                if request.purpose == pb.WEIGHTS_PURPOSE_REFRESH:
+                    self.coord.require_step(site, request.step)
+                    if not srv.needs_refresh():
+                        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER, "no refresh is due")
+                elif request.purpose == pb.WEIGHTS_PURPOSE_RELEASE:
+                    ev = self.coord.eval
+                    if (ev is None or ev.split != RELEASE or ev.eval_id != request.eval_id or ev.site != site
+                            or ev.result is not None):
+                        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_OUT_OF_ORDER,
+                                     f"no release {request.eval_id} is pending for {site_name(site)}")
+                else:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD,
+                                 f"DownloadWeights purpose {pb.WeightsPurpose.Name(request.purpose)}: REFRESH or RELEASE")
+            data = srv.export_weights()
+            if request.purpose == pb.WEIGHTS_PURPOSE_REFRESH:
+                self.bytes_down += len(data)
+            updates = srv.head.updates
+        yield from self._reply(pb.DownloadWeightsResponse, request.header.sequence, data, updates=updates)
 
     def has_secret_key(self) -> bool:
         return bool(self.server is not None and self.server.has_secret_key())
@@ -848,7 +1078,9 @@ class RemoteServerRunner:
         self.train_set = splits.train
         self.train_bytes_up = self.train_bytes_down = self.train_samples = self.epochs_done = 0
         self.dp = cfg.regime == "split-he" and cfg.split.dp_noise_multiplier > 0
+        self.full = cfg.regime == "split-he-full"
         self._extras: dict[str, Any] = {}
+        self._last_val: dict[str, Any] = {}  # the latest validation metrics (a release records its AUROC)
 
     def train_epoch(self, epoch: int, desc: str) -> float:
         up0, down0 = self.svc.bytes_up, self.svc.bytes_down
@@ -874,7 +1106,10 @@ class RemoteServerRunner:
         split = "val" if dataset is self.splits.val else "test" if dataset is self.splits.test else None
         if split is None:
             raise ValueError("the remote runner evaluates only the validation and test splits")
-        return self.coord.evaluate(split)
+        result = self.coord.evaluate(split)
+        if split == "val":
+            self._last_val = result
+        return result
 
     def lr(self) -> float:
         return self.svc.head_opt.param_groups[0]["lr"]
@@ -889,6 +1124,7 @@ class RemoteServerRunner:
             "scheduler": self.svc.head_sched.state_dict() if self.svc.head_sched is not None else None,
             "relay": relay,
             "epsilons": epsilons,
+            "full": self.svc.full_state() if self.full else None,  # split-he-full: enc(W) and its counters
             "counters": (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done,
                          self.svc.bytes_up, self.svc.bytes_down),
         }
@@ -903,9 +1139,25 @@ class RemoteServerRunner:
             self.coord.epsilons = dict(state.get("epsilons") or {})
         (self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done,
          self.svc.bytes_up, self.svc.bytes_down) = state["counters"]
+        if self.full:
+            self.svc.load_full_state(state.get("full"))
 
     def model_state(self) -> dict[str, Any]:
-        out = {f"head.{k}": v.detach().clone() for k, v in self.svc.head.state_dict().items()}
+        """best_model.pt's model: the head (split-plain / split-he) and the sealed relay.
+
+        split-he-full: the server holds no plaintext head, so first one hospital releases it (decrypts enc(W))
+        and writes the released model on its side, ``<hospital out>/best_model.pt``; the server's file keeps
+        the sealed relay and the best epoch's enc(W) (ciphertexts, for the final test).
+        """
+        if self.full:
+            self.coord.evaluate(RELEASE, release_epoch=self.epochs_done,
+                                release_val_auroc=float(self._last_val.get("auroc_macro", math.nan)))
+            # the best epoch's enc(W) as the server holds it (ciphertexts only), for the final test
+            state = self.svc.full_state()
+            out: dict[str, Any] = ({"_full.weights": torch.frombuffer(bytearray(state["weights"]), dtype=torch.uint8).clone()}
+                                   if state is not None else {})
+        else:
+            out = {f"head.{k}": v.detach().clone() for k, v in self.svc.head.state_dict().items()}
         with self.coord.cond:
             if self.coord.relay:
                 out["_relay.version"] = torch.tensor(self.coord.relay_version, dtype=torch.int64)
@@ -915,7 +1167,12 @@ class RemoteServerRunner:
         return out
 
     def load_model_state(self, state: dict[str, Any]) -> None:
-        self.svc.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        """The best epoch's head and relay; split-he-full: the best epoch's enc(W) back on the head, as the
+        in-process run puts back the best epoch's head (there re-encrypted by the key holders)."""
+        if not self.full:
+            self.svc.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        elif "_full.weights" in state:
+            self.svc.restore_full_weights(state["_full.weights"].numpy().tobytes())
         if "_relay.version" in state:
             with self.coord.cond:
                 self.coord.relay_version = int(state["_relay.version"])
@@ -933,20 +1190,30 @@ class RemoteServerRunner:
                 "regime": cfg.regime,
                 "hospitals": self.coord.num_sites,
                 "encoder_trainable": not cfg.model.freeze_encoder,
-                "he_preset": cfg.split.he_preset if cfg.regime == "split-he" else None,
+                "he_preset": _he_preset(cfg),
                 "server_has_secret_key": self.svc.has_secret_key(),
                 "transport": "grpc",
                 "encoder_relay": self.coord.relay,
             },
             "wire": wire_summary(self.train_bytes_up, self.train_bytes_down, self.train_samples, self.epochs_done),
         }
+        if self.full:
+            out["protocol"].update(head_encrypted=True, **self.svc.full_counters())
         if self.dp:  # as the in-process run reports it, from the epsilons the hospitals reported at EndEpoch
             out["privacy"] = privacy_summary(cfg, self.epsilon_per_site())
         return out
 
 
+def _he_preset(cfg: Any) -> Optional[str]:
+    """The CKKS preset of the run, as the in-process runner reports it (None in split-plain)."""
+    from splitfl.split.runner import full_preset
+
+    return {"split-he": cfg.split.he_preset, "split-he-full": full_preset(cfg)}.get(cfg.regime)
+
+
 def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecure: bool, **kw: Any) -> dict[str, Any]:
-    """Serve the head of a split-plain / split-he run until it finishes; writes what ``splitfl train`` writes.
+    """Serve the head of a split-plain / split-he / split-he-full run until it finishes; writes what ``splitfl train`` writes
+    (in split-he-full the released plaintext model is written by a hospital, see the module docstring).
 
     Keywords: ``run_id`` (default: from the config fingerprint), ``turn_timeout_s`` (alias ``round_timeout``;
     300: a hospital silent that long while it should act is skipped for the rest of the epoch),
@@ -960,12 +1227,11 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
     from splitfl.data import load_splits
     from splitfl.models import build_split_model
     from splitfl.plots import plot_learning_curves
-    from splitfl.split.runner import check_split_cut
+    from splitfl.split.runner import check_split_cut, full_layout
     from splitfl.train import RunError, fit, make_fabric, make_optimizer, make_scheduler, write_run_metrics
 
-    if cfg.regime not in ("split-plain", "split-he"):
-        raise RunError(f"run_split_server serves split-plain / split-he, not {cfg.regime!r}"
-                       + (" (split-he-full runs in-process for now: splitfl train)" if cfg.regime == "split-he-full" else ""))
+    if cfg.regime not in REGIMES:
+        raise RunError(f"run_split_server serves {' / '.join(REGIMES)}, not {cfg.regime!r}")
     check_split_cut(cfg, remote=True)  # Hello describes the head as affine layers on pooled features
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -977,7 +1243,11 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
         fabric.seed_everything(cfg.seed, verbose=False)
         split_model, _ = build_split_model(cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size)
     head = split_model.head
+    feature_shape = list(split_model.feature_dim)
     del split_model  # the server never uses an encoder
+    if cfg.regime == "split-he-full":  # refuse what the encrypted head cannot train before serving anyone
+        lin = head.linear_layers()[0]
+        full_layout(cfg, lin.in_features, lin.out_features)
     head_opt = make_optimizer(list(head.parameters()), cfg.train)
     head_sched = make_scheduler(head_opt, cfg.train)
     relay = relay_needed(cfg)
@@ -993,9 +1263,12 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
         layers = head.linear_layers()
         recorder = TranscriptRecorder(
             out_dir / "transcript", cfg.split.transcript_max_steps,
-            {"regime": cfg.regime, "in_features": layers[0].in_features, "num_classes": layers[-1].out_features,
+            {"regime": cfg.regime, "cut": cfg.model.cut, "model": cfg.model.name, "feature_shape": feature_shape,
+             "in_features": layers[0].in_features, "num_classes": layers[-1].out_features,
              "head_layers": [[l.in_features, l.out_features] for l in layers], "batch_size": cfg.train.batch_size,
-             "he_preset": cfg.split.he_preset if cfg.regime == "split-he" else None, "transport": "grpc"})
+             "he_preset": _he_preset(cfg), "transport": "grpc", "dp_noise_multiplier": cfg.split.dp_noise_multiplier,
+             "dp_max_grad_norm": cfg.split.dp_max_grad_norm,
+             "config": dataclasses.asdict(cfg)})  # what the server coordinated (the attacker knows it), as in process
     svc = SplitServicer(cfg, run_id, head, head_opt, head_sched, coord, recorder=recorder)
     server, port = serve(svc, address, pki_dir, insecure, kw.get("max_workers"))
     fabric.print(f"[split server] run {run_id}: serving {cfg.regime} on port {port} for {coord.num_sites} hospitals")
@@ -1024,7 +1297,12 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
 
 
 class RemoteSplitServer:
-    """The hospital's view of the remote head: the methods the transports call, over gRPC."""
+    """The hospital's view of the remote head: the methods the transports call, over gRPC.
+
+    split-he-full: also FullSplitServer's (``layout``, ``backward(.., input_grad=)``, ``needs_refresh``,
+    ``replace_weights``, ``export_weights``), so :class:`~splitfl.split.transport.FullHETransport` runs on it
+    unchanged. ``export_weights`` downloads for a refresh, or for the release named by ``release_id``.
+    """
 
     def __init__(self, channel: grpc.Channel, site: int, run_id: str, fingerprint: bytes, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, timeout_s: float = 600.0) -> None:
@@ -1042,8 +1320,11 @@ class RemoteSplitServer:
         self.he_mlp: Any = None
         self.recorder = None
         self.optimizer: Any = None
-        self.mode = "plain"
+        self.mode = "plain"  # plain | he | he-full, as SplitRunner names them
         self.hello: Any = None
+        self.layout: Any = None  # split-he-full: FullHeadLayout (public: shapes, batch capacity, slots)
+        self.release_id = 0  # split-he-full: the release request being served (0: export_weights is a refresh)
+        self._refresh_needed = False  # split-he-full: what the step's Backward said
 
     # ---------------------------------------------------------------- plumbing
 
@@ -1067,11 +1348,18 @@ class RemoteSplitServer:
         except grpc.RpcError as e:
             raise _remote_error(e) from None
 
+    def _bidi_first(self, method: Any, cls: Any, payload: bytes, **first: Any) -> tuple[Any, bytes]:
+        """A streamed call: the response's first message (its header and parameters) and its payload."""
+        return self._download(lambda: method(self._requests(cls, payload, **first), timeout=self.timeout))
+
     def _bidi(self, method: Any, cls: Any, payload: bytes, **first: Any) -> bytes:
+        return self._bidi_first(method, cls, payload, **first)[1]
+
+    @staticmethod
+    def _download(start: Callable[[], Iterator[Any]]) -> tuple[Any, bytes]:
         try:
-            responses = method(self._requests(cls, payload, **first), timeout=self.timeout)
-            _, chunks = open_stream(responses, ("header",))
-            return assemble(chunks, MAX_PAYLOAD_BYTES)
+            head, chunks = open_stream(start(), ("header",))
+            return head, assemble(chunks, MAX_PAYLOAD_BYTES)
         except grpc.RpcError as e:
             raise _remote_error(e) from None
 
@@ -1092,24 +1380,28 @@ class RemoteSplitServer:
         with self._lock:
             self.session, self._seq = bytes(r.session.session_id), 0
         self.hello = r
-        self.mode = "he" if r.mode == pb.SPLIT_MODE_HE else "plain"
+        self.mode = {pb.SPLIT_MODE_HE: "he", pb.SPLIT_MODE_HE_FULL: "he-full"}.get(r.mode, "plain")
         self.layers = [SimpleNamespace(in_features=l.in_features, out_features=l.out_features) for l in r.layers]
         return r
 
     def bind(self, head: Any, optimizer: Any, scheduler: Any, mode: str, public_context: Optional[bytes] = None,
-             batch_capacity: int = 64, recorder: Any = None) -> "RemoteSplitServer":
-        """``SplitRunner(server_factory=client.bind)``: say Hello (uploading the public context if the server needs it)."""
+             batch_capacity: int = 64, recorder: Any = None, initial_weights: Optional[bytes] = None) -> "RemoteSplitServer":
+        """``SplitRunner(server_factory=client.bind)``: say Hello (uploading the public context if the server needs it).
+
+        split-he-full (``mode="he-full"``): also the packed initial ``enc(W)``, uploaded if Hello says
+        ``weights_needed`` (the first hospital to join; a later one is told the head exists and goes on).
+        """
         self.optimizer = optimizer
         fp = b""
         ctx = None
-        if mode == "he":
+        if mode in ("he", "he-full"):
             from splitfl.he.keys import context_fingerprint, load_public_context, params_of
 
             ctx = load_public_context(public_context)
             fp = _fp_bytes(context_fingerprint(ctx))
         in_features = head.linear_layers()[0].in_features if hasattr(head, "linear_layers") else head.in_features
         r = self.connect(in_features, fp)
-        if (mode == "he") != (self.mode == "he"):
+        if mode != self.mode:
             raise ProtocolError(f"this hospital runs split-{mode} but the server runs split-{self.mode}")
         local = [(l.in_features, l.out_features) for l in (head.linear_layers() if hasattr(head, "linear_layers") else [head])]
         if local != [(l.in_features, l.out_features) for l in self.layers]:
@@ -1123,7 +1415,29 @@ class RemoteSplitServer:
             if len(self.layers) == 2 and coeffs is not None and len(coeffs) <= 3:
                 self.he_mlp = SimpleNamespace(in_features=self.layers[0].in_features, hidden=self.layers[0].out_features,
                                               num_classes=self.layers[1].out_features, coeffs=tuple(coeffs))
+        if mode == "he-full":
+            self._bind_full(r, ctx, public_context, fp, batch_capacity, initial_weights)
         return self
+
+    def _bind_full(self, r: Any, ctx: Any, public_context: bytes, fp: bytes, batch_capacity: int,
+                   initial_weights: Optional[bytes]) -> None:
+        from splitfl.he.encrypted_head import FullHeadLayout
+        from splitfl.he.keys import params_of
+
+        if r.batch_capacity != batch_capacity:
+            raise ProtocolError(f"the server's encrypted head takes batches of {r.batch_capacity}, this hospital {batch_capacity}")
+        self.layout = FullHeadLayout(self.layers[0].in_features, self.layers[0].out_features, batch_capacity,
+                                     params_of(ctx).slots)
+        if r.context_needed:
+            self.upload_context(public_context, fp, galois=ctx.has_galois_keys(), relin=True)
+        if r.weights_needed:
+            if initial_weights is None:
+                raise ProtocolError("the server needs the initial encrypted head and this hospital has none to give")
+            try:
+                self.upload_weights(initial_weights, pb.WEIGHTS_PURPOSE_INITIAL)
+            except RemoteError as e:  # another hospital uploaded them between our Hello and now: fine
+                if e.code != grpc.StatusCode.ALREADY_EXISTS or e.error_code != pb.ERROR_CODE_OUT_OF_ORDER:
+                    raise
 
     def upload_context(self, data: bytes, fingerprint: bytes, galois: bool = False, relin: bool = False) -> Any:
         meta = pb.ContextMeta(context_fingerprint=fingerprint, galois_keys=galois, relin_keys=relin)
@@ -1145,12 +1459,19 @@ class RemoteSplitServer:
         return self._call(self.stub.UploadRelay, self._requests(pb.UploadRelayRequest, blob, meta=meta))
 
     def download_relay(self) -> tuple[int, bytes]:
-        try:
-            responses = self.stub.DownloadRelay(pb.DownloadRelayRequest(header=self._header()), timeout=self.timeout)
-            first, chunks = open_stream(responses, ("header",))
-            return int(first.version), assemble(chunks, MAX_PAYLOAD_BYTES)
-        except grpc.RpcError as e:
-            raise _remote_error(e) from None
+        first, blob = self._download(lambda: self.stub.DownloadRelay(pb.DownloadRelayRequest(header=self._header()),
+                                                                     timeout=self.timeout))
+        return int(first.version), blob
+
+    def upload_weights(self, payload: bytes, purpose: int, step: int = 0) -> Any:
+        """split-he-full: enc(W) up (INITIAL, or REFRESH of the open ``step``)."""
+        meta = pb.WeightsMeta(purpose=purpose, step=step)
+        return self._call(self.stub.UploadWeights, self._requests(pb.UploadWeightsRequest, payload, meta=meta))
+
+    def download_weights(self, purpose: int, step: int = 0, eval_id: int = 0) -> bytes:
+        """split-he-full: enc(W) down (REFRESH of the open ``step``, or RELEASE ``eval_id``)."""
+        req = pb.DownloadWeightsRequest(header=self._header(), purpose=purpose, step=step, eval_id=eval_id)
+        return self._download(lambda: self.stub.DownloadWeights(req, timeout=self.timeout))[1]
 
     def report_eval(self, eval_id: int, metrics: dict) -> Any:
         return self._call(self.stub.ReportEval, pb.ReportEvalRequest(header=self._header(), eval_id=eval_id,
@@ -1159,17 +1480,38 @@ class RemoteSplitServer:
     # ---------------------------------------------------------------- the SplitServer interface
 
     def _wire(self) -> int:
-        return pb.PAYLOAD_ENCODING_CKKS_BATCH if self.mode == "he" else pb.PAYLOAD_ENCODING_TENSOR
+        return _WIRE[{"he-full": "full"}.get(self.mode, self.mode)]
 
     def forward(self, payload: bytes, train: bool = True, layer: int = 0) -> bytes:
         call = pb.ForwardCall(step=self.step if train else 0, part=self._part_of("f", layer) if train else 0,
                               layer=layer, train=train, encoding=self._wire())
         return self._bidi(self.stub.Forward, pb.ForwardRequest, payload, call=call)
 
-    def backward(self, payload: bytes, layer: Optional[int] = None) -> bytes:
+    def backward(self, payload: bytes, layer: Optional[int] = None, *, input_grad: bool = True) -> Optional[bytes]:
+        """The output gradient up, the input gradient back; split-he-full: None unless ``input_grad``."""
         layer = len(self.layers) - 1 if layer is None else layer
-        call = pb.BackwardCall(step=self.step, part=self._part_of("b", layer), layer=layer, encoding=self._wire())
-        return self._bidi(self.stub.Backward, pb.BackwardRequest, payload, call=call)
+        call = pb.BackwardCall(step=self.step, part=self._part_of("b", layer), layer=layer, encoding=self._wire(),
+                               input_grad=input_grad)
+        first, reply = self._bidi_first(self.stub.Backward, pb.BackwardRequest, payload, call=call)
+        self._refresh_needed = bool(first.refresh_needed)
+        return None if self.mode == "he-full" and not input_grad else reply
+
+    # ---------------------------------------------------------------- split-he-full: FullSplitServer's refresh and release
+
+    def needs_refresh(self) -> bool:
+        """What the step's Backward said: the server's head spent its update budget."""
+        return self._refresh_needed
+
+    def export_weights(self) -> bytes:
+        """enc(W) for the key holders: the release being served (``release_id``), else this step's refresh."""
+        if self.release_id:
+            return self.download_weights(pb.WEIGHTS_PURPOSE_RELEASE, eval_id=self.release_id)
+        return self.download_weights(pb.WEIGHTS_PURPOSE_REFRESH, step=self.step)
+
+    def replace_weights(self, payload: bytes) -> None:
+        """The refresh's fresh encryption up; it closes the step unless the run relays."""
+        self.upload_weights(payload, pb.WEIGHTS_PURPOSE_REFRESH, self.step)
+        self._refresh_needed = False
 
     def predict(self, payload: bytes) -> bytes:
         call = pb.PredictCall(part=0, encoding=pb.PAYLOAD_ENCODING_CKKS_BATCH)
@@ -1245,7 +1587,7 @@ def _hospital_keys(cfg: Any, out_dir: Path, pki_dir: Any, kw: dict) -> Path:
     from splitfl.artifacts import write_bytes
 
     target = out_dir / "keys"
-    name = "consortium.secret" if cfg.regime == "split-he" else (RELAY_KEY_FILE if relay_needed(cfg) else None)
+    name = "consortium.secret" if cfg.regime in HE_REGIMES else (RELAY_KEY_FILE if relay_needed(cfg) else None)
     if name is None or (target / name).exists():
         return target
     candidates = []
@@ -1295,9 +1637,8 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
     from splitfl.split.runner import SplitRunner, check_split_cut
     from splitfl.train import RunError, make_fabric
 
-    if cfg.regime not in ("split-plain", "split-he"):
-        raise RunError(f"run_split_site runs split-plain / split-he hospitals, not {cfg.regime!r}"
-                       + (" (split-he-full runs in-process for now: splitfl train)" if cfg.regime == "split-he-full" else ""))
+    if cfg.regime not in REGIMES:
+        raise RunError(f"run_split_site runs {' / '.join(REGIMES)} hospitals, not {cfg.regime!r}")
     check_split_cut(cfg, remote=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1371,8 +1712,9 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
     relay = relay_needed(cfg)
     if relay and not cfg.model.freeze_encoder and not runner.encoder_trainable:
         raise RunError("model.freeze_encoder is false but the encoder has no trainable parameters")
-    sealer = RelaySealer(relay_key_material(keys_dir, runner.he), run_id, fp) if relay else None
+    sealer = RelaySealer(relay_key_material(keys_dir, runner.he or runner.full), run_id, fp) if relay else None
     my_version, sched_epochs = 0, 0
+    head_epochs = 0  # split-he-full: epochs the hospitals' schedule of the encrypted head's lr has stepped here
     poll = int(kw.get("poll_ms", 2000))
     position_file = keys_dir.parent / POSITION_FILE  # <out>/split_position.json
     saved = _read_position(position_file, run_id)
@@ -1399,6 +1741,10 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
             dataset = splits.val if r.eval_split == "val" else splits.test
             client.report_eval(r.eval_id, runner.evaluate(dataset))
             continue
+        if r.state == pb.TURN_STATE_RELEASE:
+            sync(r.relay_version)
+            client.report_eval(r.eval_id, _release(cfg, client, runner, splits, keys_dir.parent, r))
+            continue
         if r.epoch != epoch and r.state == pb.TURN_STATE_WAIT and r.epoch > epoch:
             epoch = int(r.epoch)
             queue = list(runner._site_batches(site, epoch))
@@ -1414,6 +1760,10 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
                     warnings.simplefilter("ignore", UserWarning)
                     runner.enc_sched.step()
                 sched_epochs += 1
+            while runner.full and runner.head_sched is not None and head_epochs < epoch:  # in-process train_epoch's end
+                runner.head_opt.step()  # a no-op (no gradients) that keeps the scheduler's order, as in process
+                runner.head_sched.step()
+                head_epochs += 1
             if saved is not None and pos == 0 and saved["epoch"] == epoch and saved["step"] < r.step:
                 # This process restarted mid-epoch (killed after a step) and the server did not: go on after the
                 # last step it closed. A server resumed from its checkpoint replays the epoch and grants the same
@@ -1443,3 +1793,24 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
             print(f"[{site_name(site)}] epoch {epoch + 1}: {pos} step(s) done, loss {loss_sum / max(samples, 1):.4f}", flush=True)
             continue
         time.sleep(min(r.retry_after_ms, 200) / 1000 if r.state == pb.TURN_STATE_WAIT else 0.05)
+
+
+def _release(cfg: Any, client: RemoteSplitServer, runner: Any, splits: Any, out_dir: Path, r: Any) -> dict[str, Any]:
+    """split-he-full: decrypt the server's head and write the released model, ``<out>/best_model.pt``, here.
+
+    The same file ``splitfl train`` writes for split-he-full (encoder + released head, config, task, epoch,
+    validation AUROC): plaintext weights exist only at the key holders. Returns the ReportEval acknowledgement.
+    """
+    from splitfl.artifacts import save_checkpoint
+    from splitfl.train import BEST_MODEL, best_model_payload
+
+    client.release_id = int(r.eval_id)
+    try:
+        state = runner.model_state()  # SplitRunner: the key holders decrypt enc(W) into the consortium's model
+    finally:
+        client.release_id = 0
+    best = {"epoch": int(r.release_epoch), "score": float(r.release_val_auroc)}
+    path = out_dir / BEST_MODEL
+    save_checkpoint(path, best_model_payload(state, cfg, splits.task, best))
+    print(f"[{site_name(client.site)}] released the head of epoch {best['epoch']} to {path}", flush=True)
+    return {"released": True, "epoch": best["epoch"]}

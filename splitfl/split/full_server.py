@@ -108,6 +108,10 @@ class FullSplitServer:
     def replace_weights(self, payload: bytes) -> None:
         self.head.replace_weights(unpack_weight_rows(payload, self.layout))
 
+    def restore_weights(self, payload: bytes, fresh: bool) -> None:
+        """The best epoch's ``enc(W)`` back in place for the final test (see EncryptedLinearHead.restore_weights)."""
+        self.head.restore_weights(unpack_weight_rows(payload, self.layout), fresh)
+
     def end_epoch(self) -> None:
         """Nothing to step: the learning rate is the hospitals' (folded into ``enc(lr G)``)."""
 

@@ -61,6 +61,38 @@ def check_split_cut(cfg: RunConfig, remote: bool = False) -> None:
         )
 
 
+def full_layout(cfg: RunConfig, in_features: int, num_classes: int) -> Any:
+    """split-he-full's slot layout, after refusing what the encrypted head cannot train (RunError).
+
+    Called by the in-process runner, the gRPC server (before it serves) and each gRPC hospital, so a
+    configuration is refused the same way wherever it is run: Adam / momentum / weight decay (the server
+    applies no plaintext scalar), DP, a batch size that is not a power of two, a preset with one rescale.
+    """
+    from splitfl.he.encrypted_head import FullHeadLayout
+    from splitfl.he.params import HEError, get_preset
+    from splitfl.train import RunError
+
+    tcfg = cfg.train
+    if tcfg.optimizer != "sgd" or tcfg.momentum != 0 or tcfg.weight_decay != 0:
+        raise RunError(f"split-he-full trains the encrypted head by plain SGD on ciphertexts (the server applies no "
+                       f"plaintext scalar): set train.optimizer: sgd, train.momentum: 0, train.weight_decay: 0 "
+                       f"(got {tcfg.optimizer}, momentum {tcfg.momentum}, weight_decay {tcfg.weight_decay})")
+    if cfg.split.dp_noise_multiplier > 0:
+        raise RunError("split.dp_noise_multiplier: split-he-full sends no plaintext update to noise (the server "
+                       "sees ciphertexts only); DP on the encrypted head is not implemented, use split-he for DP")
+    try:
+        params = get_preset(full_preset(cfg))
+    except HEError as exc:
+        raise RunError(f"split.he_preset: {exc}") from None
+    if params.levels < 2:
+        raise RunError(f"split.he_preset={params.name!r} has {params.levels} rescaling level(s); split-he-full needs two "
+                       "(use split.he_preset: full)")
+    try:
+        return FullHeadLayout(in_features, num_classes, tcfg.batch_size, params.slots)
+    except HEError as exc:
+        raise RunError(f"train.batch_size={tcfg.batch_size}: {exc}") from None
+
+
 class SplitRunner:
     """Hospitals (encoder, data, labels, loss, secret key) and the server (head), wired by a transport."""
 
@@ -120,7 +152,7 @@ class SplitRunner:
                        if recorder is not None and self.encoder_trainable else None)
         self.head_opt, self.head_sched = head_opt, head_sched  # split-he-full: the hospitals' schedule of lr
         if self.full:
-            self.server, self.transport = self._full_parties(out_dir, head, recorder, make_server is not SplitServer)
+            self.server, self.transport = self._full_parties(out_dir, recorder, server_factory)
         elif self.he:
             from splitfl.he.keys import consortium_secret_context, public_context_bytes
 
@@ -146,9 +178,6 @@ class SplitRunner:
         self.sites = partition_dataset(splits.train, cfg.data.partition)
         self.train_set = splits.train
         self.dp = self.he and scfg.dp_noise_multiplier > 0
-        if scfg.dp_noise_multiplier > 0 and self.full:
-            raise RunError("split.dp_noise_multiplier: split-he-full sends no plaintext update to noise (the server "
-                           "sees ciphertexts only); DP on the encrypted head is not implemented, use split-he for DP")
         if scfg.dp_noise_multiplier > 0 and not self.he:
             raise RunError("split.dp_noise_multiplier applies to split-he head updates; in split-plain the server sees activations")
         if self.dp and scfg.dp_max_grad_norm <= 0:
@@ -162,38 +191,38 @@ class SplitRunner:
         self.epochs_done = 0
         self._extras: dict[str, Any] = {}
 
-    def _full_parties(self, out_dir: Path, head: nn.Module, recorder: Optional[TranscriptRecorder],
-                      remote: bool) -> tuple[Any, FullHETransport]:
-        """split-he-full: the consortium's key, the server's encrypted head (initial weights encrypted here)."""
-        from splitfl.he.encrypted_head import FullHeadHospital, FullHeadLayout, full_public_context_bytes
+    def _full_parties(self, out_dir: Path, recorder: Optional[TranscriptRecorder],
+                      server_factory: Optional[Any]) -> tuple[Any, FullHETransport]:
+        """split-he-full: the consortium's key, the server's encrypted head (initial weights encrypted here).
+
+        In process the server is a :class:`FullSplitServer`; with ``server_factory`` (a gRPC stub's ``bind``)
+        it is called as SplitServer's factory with mode ``"he-full"`` and the packed initial ``enc(W)``, which
+        the stub uploads if the remote server still needs them.
+        """
+        from splitfl.he.encrypted_head import FullHeadHospital, full_public_context_bytes
         from splitfl.he.keys import consortium_secret_context, params_of
-        from splitfl.he.params import HEError
         from splitfl.split.full_server import FullSplitServer, pack_weight_rows
         from splitfl.train import RunError
 
         cfg, tcfg = self.cfg, self.cfg.train
-        if remote:
-            raise RunError("split-he-full runs in-process for now (splitfl train); the gRPC service serves split-plain "
-                           "and split-he")
-        if tcfg.optimizer != "sgd" or tcfg.momentum != 0 or tcfg.weight_decay != 0:
-            raise RunError(f"split-he-full trains the encrypted head by plain SGD on ciphertexts (the server applies no "
-                           f"plaintext scalar): set train.optimizer: sgd, train.momentum: 0, train.weight_decay: 0 "
-                           f"(got {tcfg.optimizer}, momentum {tcfg.momentum}, weight_decay {tcfg.weight_decay})")
-        secret = consortium_secret_context(out_dir / SECRET_CONTEXT, self.he_preset, "split.he_preset")
         lin = self.head_layers[0]
-        try:
-            layout = FullHeadLayout(lin.in_features, lin.out_features, tcfg.batch_size, params_of(secret).slots)
-        except HEError as exc:
-            raise RunError(f"train.batch_size={tcfg.batch_size}: {exc}") from None
+        layout = full_layout(cfg, lin.in_features, lin.out_features)
+        secret = consortium_secret_context(out_dir / SECRET_CONTEXT, self.he_preset, "split.he_preset")
+        if params_of(secret).slots != layout.slots:
+            raise RunError(f"{out_dir / SECRET_CONTEXT} has {params_of(secret).slots} slots, preset {self.he_preset!r} "
+                           f"{layout.slots}: the key file was made for another preset")
         public = full_public_context_bytes(secret, layout)
         if recorder is not None:
             from splitfl.artifacts import write_bytes
 
             write_bytes(recorder.folder / "server_public_context.bin", public, 0o644)
-        initial = FullHeadHospital(secret, layout).encrypt_weights(lin.weight, lin.bias)
-        server = FullSplitServer(public, lin.in_features, lin.out_features, tcfg.batch_size,
-                                 pack_weight_rows(initial), cfg.split.full_refresh_every,
-                                 recorder)
+        initial = pack_weight_rows(FullHeadHospital(secret, layout).encrypt_weights(lin.weight, lin.bias))
+        if server_factory is None:
+            server: Any = FullSplitServer(public, lin.in_features, lin.out_features, tcfg.batch_size, initial,
+                                          cfg.split.full_refresh_every, recorder)
+        else:
+            server = server_factory(self.split_model.head, self.head_opt, self.head_sched, "he-full", public,
+                                    tcfg.batch_size, recorder, initial_weights=initial)
         return server, FullHETransport(server, secret)
 
     def _noninteractive_public_context(self, secret: Any, head: nn.Module) -> bytes:
@@ -452,8 +481,13 @@ class SplitRunner:
             lin.bias.copy_(bias.to(lin.bias))
 
     def load_model_state(self, state: dict[str, Any]) -> None:
+        """The best epoch's model; split-he-full also puts its head back on the server, encrypted by the key holders,
+        so the final test runs through the best epoch's encoder *and* head (not the last epoch's enc(W))."""
         self.split_model.load_state_dict(state)
         self._feature_cache.clear()
+        if self.full:
+            lin = self.head_layers[0]
+            self.transport.restore(lin.weight.detach().double(), lin.bias.detach().double())
 
     def epoch_extras(self) -> dict[str, Any]:
         return dict(self._extras)

@@ -157,7 +157,7 @@ class FullHETransport(_Counting):
 
         msg = pack_ciphertexts(self.hospital.encrypt_logit_grads(grad_logits.detach().cpu().double(), lr))
         self._send(msg)
-        reply = self.server.backward(msg, input_grad)
+        reply = self.server.backward(msg, input_grad=input_grad)  # by name: a gRPC stub's 2nd argument is the layer
         if reply is None:
             return None
         self._receive(reply)
@@ -174,6 +174,12 @@ class FullHETransport(_Counting):
         self._send(msg)
         self.server.replace_weights(msg)
         return True
+
+    def restore(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Put a released head (the best epoch's) back on the server, freshly encrypted; not a refresh."""
+        from splitfl.split.full_server import pack_weight_rows
+
+        self.server.restore_weights(pack_weight_rows(self.hospital.encrypt_weights(weight, bias)), fresh=True)
 
     def release(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The key holders decrypt the server's head: (weight, bias) in plaintext, at the hospitals only."""

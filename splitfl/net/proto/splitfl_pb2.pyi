@@ -42,12 +42,14 @@ class PayloadEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAYLOAD_ENCODING_UNSPECIFIED: _ClassVar[PayloadEncoding]
     PAYLOAD_ENCODING_TENSOR: _ClassVar[PayloadEncoding]
     PAYLOAD_ENCODING_CKKS_BATCH: _ClassVar[PayloadEncoding]
+    PAYLOAD_ENCODING_CKKS_LIST: _ClassVar[PayloadEncoding]
 
 class SplitMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SPLIT_MODE_UNSPECIFIED: _ClassVar[SplitMode]
     SPLIT_MODE_PLAIN: _ClassVar[SplitMode]
     SPLIT_MODE_HE: _ClassVar[SplitMode]
+    SPLIT_MODE_HE_FULL: _ClassVar[SplitMode]
 
 class TurnState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +59,14 @@ class TurnState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TURN_STATE_EPOCH_DONE: _ClassVar[TurnState]
     TURN_STATE_RUN_DONE: _ClassVar[TurnState]
     TURN_STATE_EVALUATE: _ClassVar[TurnState]
+    TURN_STATE_RELEASE: _ClassVar[TurnState]
+
+class WeightsPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEIGHTS_PURPOSE_UNSPECIFIED: _ClassVar[WeightsPurpose]
+    WEIGHTS_PURPOSE_INITIAL: _ClassVar[WeightsPurpose]
+    WEIGHTS_PURPOSE_REFRESH: _ClassVar[WeightsPurpose]
+    WEIGHTS_PURPOSE_RELEASE: _ClassVar[WeightsPurpose]
 
 class SecureMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -122,15 +132,22 @@ SERVING_STATE_FINISHED: ServingState
 PAYLOAD_ENCODING_UNSPECIFIED: PayloadEncoding
 PAYLOAD_ENCODING_TENSOR: PayloadEncoding
 PAYLOAD_ENCODING_CKKS_BATCH: PayloadEncoding
+PAYLOAD_ENCODING_CKKS_LIST: PayloadEncoding
 SPLIT_MODE_UNSPECIFIED: SplitMode
 SPLIT_MODE_PLAIN: SplitMode
 SPLIT_MODE_HE: SplitMode
+SPLIT_MODE_HE_FULL: SplitMode
 TURN_STATE_UNSPECIFIED: TurnState
 TURN_STATE_YOURS: TurnState
 TURN_STATE_WAIT: TurnState
 TURN_STATE_EPOCH_DONE: TurnState
 TURN_STATE_RUN_DONE: TurnState
 TURN_STATE_EVALUATE: TurnState
+TURN_STATE_RELEASE: TurnState
+WEIGHTS_PURPOSE_UNSPECIFIED: WeightsPurpose
+WEIGHTS_PURPOSE_INITIAL: WeightsPurpose
+WEIGHTS_PURPOSE_REFRESH: WeightsPurpose
+WEIGHTS_PURPOSE_RELEASE: WeightsPurpose
 SECURE_MODE_UNSPECIFIED: SecureMode
 SECURE_MODE_NONE: SecureMode
 SECURE_MODE_HE: SecureMode
@@ -281,7 +298,7 @@ class SplitHelloRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., client_nonce: _Optional[bytes] = ..., context_fingerprint: _Optional[bytes] = ..., feature_dim: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class SplitHelloResponse(_message.Message):
-    __slots__ = ("header", "session", "mode", "layers", "batch_capacity", "slots", "predict_available", "context_needed", "num_sites")
+    __slots__ = ("header", "session", "mode", "layers", "batch_capacity", "slots", "predict_available", "context_needed", "num_sites", "weights_needed")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +308,7 @@ class SplitHelloResponse(_message.Message):
     PREDICT_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_NEEDED_FIELD_NUMBER: _ClassVar[int]
     NUM_SITES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_NEEDED_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     session: SessionInfo
     mode: SplitMode
@@ -300,7 +318,8 @@ class SplitHelloResponse(_message.Message):
     predict_available: bool
     context_needed: bool
     num_sites: int
-    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., session: _Optional[_Union[SessionInfo, _Mapping]] = ..., mode: _Optional[_Union[SplitMode, str]] = ..., layers: _Optional[_Iterable[_Union[HeadLayer, _Mapping]]] = ..., batch_capacity: _Optional[int] = ..., slots: _Optional[int] = ..., predict_available: _Optional[bool] = ..., context_needed: _Optional[bool] = ..., num_sites: _Optional[int] = ...) -> None: ...
+    weights_needed: bool
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., session: _Optional[_Union[SessionInfo, _Mapping]] = ..., mode: _Optional[_Union[SplitMode, str]] = ..., layers: _Optional[_Iterable[_Union[HeadLayer, _Mapping]]] = ..., batch_capacity: _Optional[int] = ..., slots: _Optional[int] = ..., predict_available: _Optional[bool] = ..., context_needed: _Optional[bool] = ..., num_sites: _Optional[int] = ..., weights_needed: _Optional[bool] = ...) -> None: ...
 
 class ContextMeta(_message.Message):
     __slots__ = ("context_fingerprint", "galois_keys", "relin_keys")
@@ -345,7 +364,7 @@ class GetTurnRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., epoch: _Optional[int] = ..., batches_left: _Optional[int] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class GetTurnResponse(_message.Message):
-    __slots__ = ("header", "state", "step", "epoch", "retry_after_ms", "relay_version", "eval_split", "eval_id")
+    __slots__ = ("header", "state", "step", "epoch", "retry_after_ms", "relay_version", "eval_split", "eval_id", "release_epoch", "release_val_auroc")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +373,8 @@ class GetTurnResponse(_message.Message):
     RELAY_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVAL_SPLIT_FIELD_NUMBER: _ClassVar[int]
     EVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_VAL_AUROC_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     state: TurnState
     step: int
@@ -362,7 +383,9 @@ class GetTurnResponse(_message.Message):
     relay_version: int
     eval_split: str
     eval_id: int
-    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., state: _Optional[_Union[TurnState, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., relay_version: _Optional[int] = ..., eval_split: _Optional[str] = ..., eval_id: _Optional[int] = ...) -> None: ...
+    release_epoch: int
+    release_val_auroc: float
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., state: _Optional[_Union[TurnState, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., retry_after_ms: _Optional[int] = ..., relay_version: _Optional[int] = ..., eval_split: _Optional[str] = ..., eval_id: _Optional[int] = ..., release_epoch: _Optional[int] = ..., release_val_auroc: _Optional[float] = ...) -> None: ...
 
 class ForwardCall(_message.Message):
     __slots__ = ("step", "part", "layer", "train", "encoding")
@@ -397,16 +420,18 @@ class ForwardResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class BackwardCall(_message.Message):
-    __slots__ = ("step", "part", "layer", "encoding")
+    __slots__ = ("step", "part", "layer", "encoding", "input_grad")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
     step: int
     part: int
     layer: int
     encoding: PayloadEncoding
-    def __init__(self, step: _Optional[int] = ..., part: _Optional[int] = ..., layer: _Optional[int] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ...) -> None: ...
+    input_grad: bool
+    def __init__(self, step: _Optional[int] = ..., part: _Optional[int] = ..., layer: _Optional[int] = ..., encoding: _Optional[_Union[PayloadEncoding, str]] = ..., input_grad: _Optional[bool] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("header", "call", "chunk")
@@ -419,12 +444,14 @@ class BackwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., call: _Optional[_Union[BackwardCall, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "refresh_needed")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_NEEDED_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     chunk: Chunk
-    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    refresh_needed: bool
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., refresh_needed: _Optional[bool] = ...) -> None: ...
 
 class PredictCall(_message.Message):
     __slots__ = ("part", "encoding")
@@ -563,6 +590,56 @@ class ReportEvalResponse(_message.Message):
     header: ResponseHeader
     accepted: bool
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., accepted: _Optional[bool] = ...) -> None: ...
+
+class WeightsMeta(_message.Message):
+    __slots__ = ("purpose", "step")
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    purpose: WeightsPurpose
+    step: int
+    def __init__(self, purpose: _Optional[_Union[WeightsPurpose, str]] = ..., step: _Optional[int] = ...) -> None: ...
+
+class UploadWeightsRequest(_message.Message):
+    __slots__ = ("header", "meta", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    meta: WeightsMeta
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., meta: _Optional[_Union[WeightsMeta, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UploadWeightsResponse(_message.Message):
+    __slots__ = ("header", "updates", "refreshes")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    REFRESHES_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    updates: int
+    refreshes: int
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., updates: _Optional[int] = ..., refreshes: _Optional[int] = ...) -> None: ...
+
+class DownloadWeightsRequest(_message.Message):
+    __slots__ = ("header", "purpose", "step", "eval_id")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    purpose: WeightsPurpose
+    step: int
+    eval_id: int
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., purpose: _Optional[_Union[WeightsPurpose, str]] = ..., step: _Optional[int] = ..., eval_id: _Optional[int] = ...) -> None: ...
+
+class DownloadWeightsResponse(_message.Message):
+    __slots__ = ("header", "updates", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    updates: int
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., updates: _Optional[int] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("header", "client_nonce", "sample_count", "context_fingerprint", "want_public_context", "client_version")

@@ -26,12 +26,15 @@ if _version_not_supported:
 
 
 class SplitServiceStub:
-    """Split learning: the hospital owns the encoder, the labels and (split-he)
-    the consortium's secret key; the server owns the head. The RPCs mirror the
-    in-process SplitServer calls (splitfl/split/server.py) one to one, with the
-    same byte payloads: SFT1 tensors in split-plain, SFHE encrypted batches in
-    split-he. Hospitals take turns: one training step (forward, backward(s) and,
-    in split-he, the head update) is open at a time, held by one site.
+    """Split learning: the hospital owns the encoder, the labels and (split-he,
+    split-he-full) the consortium's secret key; the server owns the head. The
+    RPCs mirror the in-process SplitServer calls (splitfl/split/server.py) and,
+    in split-he-full, FullSplitServer's (splitfl/split/full_server.py) one to
+    one, with the same byte payloads: SFT1 tensors in split-plain, SFHE
+    encrypted batches in split-he, SFCT ciphertext lists in split-he-full.
+    Hospitals take turns: one training step (forward, backward(s) and, in
+    split-he, the head update; in split-he-full a refresh when one is due) is
+    open at a time, held by one site.
     """
 
     def __init__(self, channel):
@@ -100,15 +103,28 @@ class SplitServiceStub:
                 request_serializer=splitfl__pb2.ReportEvalRequest.SerializeToString,
                 response_deserializer=splitfl__pb2.ReportEvalResponse.FromString,
                 _registered_method=True)
+        self.UploadWeights = channel.stream_unary(
+                '/splitfl.v1.SplitService/UploadWeights',
+                request_serializer=splitfl__pb2.UploadWeightsRequest.SerializeToString,
+                response_deserializer=splitfl__pb2.UploadWeightsResponse.FromString,
+                _registered_method=True)
+        self.DownloadWeights = channel.unary_stream(
+                '/splitfl.v1.SplitService/DownloadWeights',
+                request_serializer=splitfl__pb2.DownloadWeightsRequest.SerializeToString,
+                response_deserializer=splitfl__pb2.DownloadWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class SplitServiceServicer:
-    """Split learning: the hospital owns the encoder, the labels and (split-he)
-    the consortium's secret key; the server owns the head. The RPCs mirror the
-    in-process SplitServer calls (splitfl/split/server.py) one to one, with the
-    same byte payloads: SFT1 tensors in split-plain, SFHE encrypted batches in
-    split-he. Hospitals take turns: one training step (forward, backward(s) and,
-    in split-he, the head update) is open at a time, held by one site.
+    """Split learning: the hospital owns the encoder, the labels and (split-he,
+    split-he-full) the consortium's secret key; the server owns the head. The
+    RPCs mirror the in-process SplitServer calls (splitfl/split/server.py) and,
+    in split-he-full, FullSplitServer's (splitfl/split/full_server.py) one to
+    one, with the same byte payloads: SFT1 tensors in split-plain, SFHE
+    encrypted batches in split-he, SFCT ciphertext lists in split-he-full.
+    Hospitals take turns: one training step (forward, backward(s) and, in
+    split-he, the head update; in split-he-full a refresh when one is due) is
+    open at a time, held by one site.
     """
 
     def Status(self, request, context):
@@ -210,6 +226,27 @@ class SplitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadWeights(self, request_iterator, context):
+        """split-he-full: a hospital uploads enc(W), the head's weights encrypted
+        under the consortium's key (SFCT). WEIGHTS_PURPOSE_INITIAL: the first
+        hospital whose Hello says weights_needed encrypts the initial head; the
+        server trains nothing before it has them. WEIGHTS_PURPOSE_REFRESH: the
+        holder of a step whose Backward said refresh_needed uploads the fresh
+        re-encryption (closes the step unless the run relays).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadWeights(self, request, context):
+        """split-he-full: enc(W) as the server holds it, for the key holders only to
+        decrypt: a due refresh (the step's holder) or the release of the head
+        (the hospital asked with TURN_STATE_RELEASE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +310,16 @@ def add_SplitServiceServicer_to_server(servicer, server):
                     request_deserializer=splitfl__pb2.ReportEvalRequest.FromString,
                     response_serializer=splitfl__pb2.ReportEvalResponse.SerializeToString,
             ),
+            'UploadWeights': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadWeights,
+                    request_deserializer=splitfl__pb2.UploadWeightsRequest.FromString,
+                    response_serializer=splitfl__pb2.UploadWeightsResponse.SerializeToString,
+            ),
+            'DownloadWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadWeights,
+                    request_deserializer=splitfl__pb2.DownloadWeightsRequest.FromString,
+                    response_serializer=splitfl__pb2.DownloadWeightsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'splitfl.v1.SplitService', rpc_method_handlers)
@@ -282,12 +329,15 @@ def add_SplitServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SplitService:
-    """Split learning: the hospital owns the encoder, the labels and (split-he)
-    the consortium's secret key; the server owns the head. The RPCs mirror the
-    in-process SplitServer calls (splitfl/split/server.py) one to one, with the
-    same byte payloads: SFT1 tensors in split-plain, SFHE encrypted batches in
-    split-he. Hospitals take turns: one training step (forward, backward(s) and,
-    in split-he, the head update) is open at a time, held by one site.
+    """Split learning: the hospital owns the encoder, the labels and (split-he,
+    split-he-full) the consortium's secret key; the server owns the head. The
+    RPCs mirror the in-process SplitServer calls (splitfl/split/server.py) and,
+    in split-he-full, FullSplitServer's (splitfl/split/full_server.py) one to
+    one, with the same byte payloads: SFT1 tensors in split-plain, SFHE
+    encrypted batches in split-he, SFCT ciphertext lists in split-he-full.
+    Hospitals take turns: one training step (forward, backward(s) and, in
+    split-he, the head update; in split-he-full a refresh when one is due) is
+    open at a time, held by one site.
     """
 
     @staticmethod
@@ -604,6 +654,60 @@ class SplitService:
             '/splitfl.v1.SplitService/ReportEval',
             splitfl__pb2.ReportEvalRequest.SerializeToString,
             splitfl__pb2.ReportEvalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadWeights(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/splitfl.v1.SplitService/UploadWeights',
+            splitfl__pb2.UploadWeightsRequest.SerializeToString,
+            splitfl__pb2.UploadWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitfl.v1.SplitService/DownloadWeights',
+            splitfl__pb2.DownloadWeightsRequest.SerializeToString,
+            splitfl__pb2.DownloadWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,
