@@ -42,10 +42,10 @@ subtracted it again with the same sign, so the weights drifted *linearly*, ~2.2e
 the slots the release reads. Because the term is the same for every ciphertext at one level, the server
 cancels it: each update it also batch-sums a fresh public-key encryption of zero (the same rotations, one
 ladder next to the update's ``K * blocks``) and adds that back. What is left is fresh noise each update, so
-the error grows like a random walk: on a 32 -> 2 head at batch 8, 600 updates leave 2.8e-9 where the
-uncancelled sum left ~8e-7 (``splitfl bench he-head --full-drift N``; the README has the numbers). Rotating
+the error grows like a random walk: on a 32 -> 2 head at batch 8, 1000 updates leave 3.1e-9 where the
+uncancelled sum left 2.9e-6 (``splitfl bench he-head --full-drift 1000``, both side by side). Rotating
 before the rescale, at scale ``q * 2^50``, would divide the term by ``q`` instead (1.4e-10 after 600
-updates), but every rotation would then work on three primes, not two: the update costs 1.45x.
+updates in a probe), but every rotation would then work on three primes, not two: the update costs 1.45x.
 :meth:`EncryptedLinearHead.needs_refresh` still asks the key holders to decrypt and re-encrypt the weights
 once a budget of updates is spent (:data:`DEFAULT_REFRESH_EVERY`), and
 :attr:`EncryptedLinearHead.refreshes` counts how often that happened.
@@ -75,9 +75,9 @@ from .params import HEError
 __all__ = ["DEFAULT_REFRESH_EVERY", "EncryptedLinearHead", "FullHeadLayout", "FullHeadHospital",
            "full_public_context_bytes"]
 
-# Updates between two refreshes of the encrypted weights (decrypt + re-encrypt at a key holder). Each
-# update adds ~2.2e-9 of error (measured: splitfl bench he-head --full-drift 3000); 1000 updates keep the
-# weights within ~2e-6 of plaintext SGD, well below what SGD's own steps change.
+# Updates between two refreshes of the encrypted weights (decrypt + re-encrypt at a key holder). With the
+# batch sum's key-switching error cancelled, 1000 updates leave the weights ~3e-9 from plaintext SGD
+# (measured: splitfl bench he-head --full-drift 1000; 2.9e-6 uncancelled), far below what SGD's steps change.
 DEFAULT_REFRESH_EVERY = 1000
 
 
@@ -298,8 +298,7 @@ class EncryptedLinearHead:
 
     def replace_weights(self, weights: list[list[bytes]]) -> None:
         """A refresh: the key holders' fresh encryption of the (decrypted) weights replaces the worn ones."""
-        self.weights = self._load_weights(weights)
-        self.updates_since_refresh = 0
+        self.restore_weights(weights, fresh=True)
         self.refreshes += 1
 
     # -- arithmetic ------------------------------------------------------------
