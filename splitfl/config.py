@@ -17,9 +17,10 @@ MEDMNIST_DIR_ENV = "SPLITFL_MEDMNIST_DIR"
 class PartitionConfig:
     """How the training split is divided among simulated hospitals (sites)."""
 
-    scheme: Literal["iid", "dirichlet", "quantity", "natural"] = "iid"
+    scheme: Literal["iid", "dirichlet", "quantity", "dirichlet_quantity", "natural"] = "iid"
     num_sites: int = 4
-    alpha: float = 0.5  # Dirichlet concentration (label skew for 'dirichlet', sizes for 'quantity')
+    alpha: float = 0.5  # Dirichlet concentration (label skew for 'dirichlet'/'dirichlet_quantity', sizes for 'quantity')
+    quantity_alpha: float = 1.0  # 'dirichlet_quantity': Dirichlet concentration of the site sizes
     min_site_size: int = 10
     seed: int = 0
 
@@ -37,6 +38,8 @@ class DataConfig:
     # medmnist: dataset flag (e.g. pneumoniamnist) and folder of .npz files
     flag: str = "pneumoniamnist"
     root: Optional[str] = None  # default: $SPLITFL_MEDMNIST_DIR
+    # the file's MD5 against medmnist's metadata: warn on a mismatch (default), refuse it (strict), or skip (off)
+    md5_check: Literal["warn", "strict", "off"] = "warn"
     size: int = 28
     # folder: CSV manifest with columns path,label[,site][,split]
     manifest: Optional[str] = None
@@ -57,10 +60,16 @@ class ModelConfig:
 
     name: str = "resnet18"
     pretrained: Optional[str] = None  # local checkpoint file (timm names or plain state dict)
+    # key layout of that file: detected from its keys (auto), or named; see docs/foundation-models.md
+    pretrained_format: Literal["auto", "timm", "retfound", "uni", "dinov2", "phikon"] = "auto"
     cut: str = "pooled"  # 'pooled', 'mlp', or 'stage:N'
     mlp_hidden: int = 128
     mlp_activation: Literal["relu", "gelu", "square", "poly2"] = "relu"
+    # How hospitals adapt the encoder: frozen (freeze_encoder: true; only the head trains, and with
+    # split.cache_embeddings the embeddings are computed once), the last N blocks tuned (tune_last_blocks: N,
+    # timm's parameter groups, the final norm with them), or neither: full fine-tuning.
     freeze_encoder: bool = False
+    tune_last_blocks: Optional[int] = None
     # 3x3 stride-1 stem without max-pool (the MedMNIST v2 28 px ResNet): keeps more resolution on tiny
     # images at ~6x the compute. An ImageNet checkpoint's 7x7 stem cannot be used with it (reported, re-initialised).
     small_input_stem: bool = False

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from lightning.fabric import Fabric
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from splitfl.artifacts import save_checkpoint, write_csv, write_json, write_text
@@ -38,6 +38,7 @@ from splitfl.data import DataSplits, load_splits, partition_dataset
 from splitfl.data.base import ArrayDataset
 from splitfl.metrics import TaskMetrics, make_loss
 from splitfl.models import build_split_model
+from splitfl.models.embeddings import embedded_dataset
 from splitfl.plots import plot_learning_curves
 
 CHECKPOINT = "checkpoint.pt"
@@ -79,14 +80,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Option
     return None
 
 
-def epoch_loader(dataset: ArrayDataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
+def epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int) -> DataLoader:
     """Shuffled loader whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     sampler = RandomSampler(dataset, generator=generator)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=len(dataset) > batch_size)
 
 
-def eval_loader(dataset: ArrayDataset, batch_size: int) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
@@ -170,18 +171,34 @@ class PlainRunner:
         self.optimizer = make_optimizer(trainable, cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.train)
         self.loss_fn = make_loss(splits.task)
-        self.model, self.optimizer = fabric.setup(self.split_model, self.optimizer)
+        # A frozen encoder (linear probe): embeddings computed once per image, only the head runs per batch.
+        self.cached = self.split_model.encoder_frozen
+        self._embedded: dict[int, Dataset] = {}
+        trained = self.split_model.head if self.cached else self.split_model
+        if self.cached:
+            self.split_model.encoder.to(fabric.device)
+        self.model, self.optimizer = fabric.setup(trained, self.optimizer)
         self.metrics = TaskMetrics(splits.task, device=fabric.device)
 
+    def _inputs(self, dataset: ArrayDataset) -> Dataset:
+        """The images, or their cached embeddings when the encoder is frozen."""
+        if not self.cached:
+            return dataset
+        if id(dataset) not in self._embedded:
+            self._embedded[id(dataset)] = embedded_dataset(
+                self.split_model.encoder, dataset, self.cfg.train.eval_batch_size, self.fabric.device)
+        return self._embedded[id(dataset)]
+
     def train_epoch(self, epoch: int, desc: str) -> float:
-        loader = self.fabric.setup_dataloaders(epoch_loader(self.train_set, self.cfg.train.batch_size, self.cfg.seed, epoch))
+        data = self._inputs(self.train_set)
+        loader = self.fabric.setup_dataloaders(epoch_loader(data, self.cfg.train.batch_size, self.cfg.seed, epoch))
         loss = train_one_epoch(self.fabric, self.model, loader, self.optimizer, self.loss_fn, desc, self.cfg.train.progress)
         if self.scheduler is not None:
             self.scheduler.step()
         return loss
 
     def evaluate(self, dataset: ArrayDataset) -> dict[str, Any]:
-        loader = self.fabric.setup_dataloaders(eval_loader(dataset, self.cfg.train.eval_batch_size))
+        loader = self.fabric.setup_dataloaders(eval_loader(self._inputs(dataset), self.cfg.train.eval_batch_size))
         return evaluate(self.fabric, self.model, loader, self.metrics, self.loss_fn)
 
     def lr(self) -> float:

@@ -121,11 +121,18 @@ def test_compare_tabulates_every_variant_from_its_run(compared):
     for column in ("regime", "test macro AUROC", "gap to centralized", "training time", "bytes / round", "ε"):
         assert column in header
     lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "---" not in line}
-    assert list(lines) == ["variant", *NAMES]
+    sites = metrics["local"]["sites"]
+    site_lines = [f"↳ {name} (n={sites[name]['n_train']})" for name in sorted(sites)]
+    assert list(lines) == ["variant", "centralized", "local (mean of sites)", *site_lines, "fedavg"]
     assert f"{ref:.4f}" in lines["centralized"]
     fed_auc = metrics["fedavg"]["test"]["auroc_macro"]
     assert f"{fed_auc:.4f}" in lines["fedavg"] and f"{fed_auc - ref:+.4f}" in lines["fedavg"]
     assert lines["fedavg"].rstrip(" |").endswith("—")  # no epsilon
+    # every single institution with its own test AUROC, and the collaborative rows' gain over their mean
+    for name, line in zip(sorted(sites), site_lines):
+        assert f"{sites[name]['test']['auroc_macro']:.4f}" in lines[line]
+    single = metrics["local"]["test"]["auroc_macro"]
+    assert f"{100 * (fed_auc - single):+.2f}" in lines["fedavg"]
 
 
 def test_second_run_reuses_finished_variants(compared, capsys):

@@ -82,6 +82,34 @@ def test_real_pneumoniamnist_official_splits(medmnist_dir: Path) -> None:
 # --------------------------------------------------------------------------- metadata
 
 
+@pytest.mark.realdata
+def test_real_retinamnist_is_the_official_file(medmnist_dir: Path) -> None:
+    """The MD5 of the official RetinaMNIST file equals the one medmnist's metadata lists; a changed byte is caught."""
+    if not (medmnist_dir / "retinamnist.npz").is_file():
+        pytest.skip("retinamnist.npz not in the real MedMNIST folder")
+    splits = load_medmnist("retinamnist", medmnist_dir, md5_check="strict")
+    assert splits.meta["official"] is True and splits.meta["md5"] == medmnist.INFO["retinamnist"]["MD5"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (1080, 120, 400)
+
+
+def test_md5_mismatch_warns_or_is_refused(tmp_path: Path) -> None:
+    """A file that is not the published one: a warning by default, an error under strict, nothing when off."""
+    write_fake(tmp_path, "retinamnist", n_channels=3, n_classes=5)
+    with pytest.warns(UserWarning, match="MD5 .* differs from the one medmnist's metadata lists for retinamnist"):
+        splits = load_medmnist("retinamnist", tmp_path)
+    assert splits.meta["official"] is False
+    assert splits.meta["official_md5"] == medmnist.INFO["retinamnist"]["MD5"]
+    with pytest.raises(DataError, match="not the published file"):
+        load_medmnist("retinamnist", tmp_path, md5_check="strict")
+    assert load_medmnist("retinamnist", tmp_path, md5_check="off").meta["official"] is None
+
+
+def test_pathmnist_missing_is_a_clear_error_naming_the_download(tmp_path: Path) -> None:
+    """PathMNIST cannot be had here: the real path still names the file, the folder and medmnist's downloader."""
+    with pytest.raises(DataError, match=r"pathmnist\.npz.*download_medmnist\('pathmnist'"):
+        load_medmnist("pathmnist", tmp_path)
+
+
 def test_every_supported_flag_has_a_task() -> None:
     flags = supported_flags()
     for flag in ("retinamnist", "pathmnist", "pneumoniamnist", "chestmnist", "octmnist", "dermamnist", "bloodmnist"):

@@ -40,7 +40,7 @@ def label_skew(ds: ArrayDataset, parts: list[np.ndarray]) -> float:
     return float(np.mean(dists))
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "quantity"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "quantity", "dirichlet_quantity"])
 def test_every_index_used_once_and_repeatable(scheme: str) -> None:
     ds = toy()
     parts = partition_indices(ds, scheme, num_sites=5, alpha=0.5, seed=3, min_site_size=20)
@@ -76,6 +76,25 @@ def test_quantity_skew_varies_sizes_not_labels() -> None:
     sizes = sorted(len(p) for p in parts)
     assert sizes[0] >= 50 and sizes[-1] > 2 * sizes[0]
     assert label_skew(ds, [p for p in parts if len(p) >= 200]) < 0.1
+
+
+def test_dirichlet_quantity_skews_labels_and_sizes() -> None:
+    """Label skew as strong as plain dirichlet's, and site sizes that follow Dir(quantity_alpha) as well."""
+    ds = toy(2000)
+    spread = []
+    for seed in range(5):
+        parts = partition_indices(ds, "dirichlet_quantity", num_sites=6, alpha=0.5, seed=seed, min_site_size=20,
+                                  quantity_alpha=0.3)
+        assert_exact_cover(parts, len(ds))
+        assert label_skew(ds, parts) > 0.15
+        sizes = [len(p) for p in parts]
+        spread.append(max(sizes) / min(sizes))
+        even = partition_indices(ds, "dirichlet_quantity", num_sites=6, alpha=100.0, seed=seed, min_site_size=20,
+                                 quantity_alpha=1000.0)
+        assert label_skew(ds, even) < 0.08 and max(map(len, even)) < 1.3 * min(map(len, even))
+    assert np.median(spread) > 4  # Dir(0.3) sizes: big and small hospitals
+    with pytest.raises(DataError, match="quantity_alpha must be > 0"):
+        partition_indices(ds, "dirichlet_quantity", num_sites=3, quantity_alpha=0.0)
 
 
 def test_natural_sites() -> None:

@@ -52,7 +52,7 @@ def load_splits(cfg: DataConfig) -> DataSplits:
         n_train = cfg.n_train if cfg.max_train is None else min(cfg.n_train, cfg.max_train)
         return make_synthetic(cfg.modality, n_train, cfg.n_val, cfg.n_test, cfg.size, cfg.seed)
     if cfg.source == "medmnist":
-        return load_medmnist(cfg.flag, cfg.root, cfg.size, cfg.max_train, cfg.seed)
+        return load_medmnist(cfg.flag, cfg.root, cfg.size, cfg.max_train, cfg.seed, cfg.md5_check)
     if cfg.source == "folder":
         if not cfg.manifest:
             raise DataError("data.manifest: source 'folder' needs the path of a CSV manifest (columns path,label)")

@@ -13,7 +13,9 @@ and key is wrong and what to do about it.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -152,10 +154,48 @@ def _split_dataset(arrays: dict[str, np.ndarray], split: str, task: TaskInfo, si
     return ArrayDataset(images, labels, task, where=f"{path} [{split}_labels]")
 
 
+def official_md5(flag: str, size: int = 28) -> str | None:
+    """The MD5 that medmnist's own metadata lists for the file of this flag and size (None if it lists none)."""
+    info = _medmnist().INFO[_check_flag(flag)]
+    return info.get("MD5" if _check_size(size) == 28 else f"MD5_{size}")
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_md5(path: Path, flag: str, size: int, mode: str = "warn") -> dict[str, object]:
+    """Compare a file's MD5 with medmnist's metadata: ``strict`` refuses a mismatch, ``warn`` warns, ``off`` skips.
+
+    A mismatch means the file is not the published one (damaged, another version, or re-ordered), so results
+    on it are not comparable with the published baselines; the user decides whether that matters.
+    """
+    if mode == "off":
+        return {"md5": None, "official_md5": None, "official": None}
+    expected, actual = official_md5(flag, size), file_md5(path)
+    record: dict[str, object] = {"md5": actual, "official_md5": expected, "official": expected == actual}
+    if expected is not None and actual != expected:
+        message = (
+            f"{path}: MD5 {actual} differs from the one medmnist's metadata lists for {flag} at {size} px "
+            f"({expected}): this is not the published file (damaged, another version or re-ordered), so results are "
+            "not comparable with published baselines. Download it again with download_medmnist, or set "
+            "data.md5_check: off if this copy is deliberate"
+        )
+        if mode == "strict":
+            raise DataError(message)
+        warnings.warn(message, stacklevel=3)
+    return record
+
+
 def load_medmnist(
-    flag: str, root: str | os.PathLike | None, size: int = 28, max_train: int | None = None, seed: int = 0
+    flag: str, root: str | os.PathLike | None, size: int = 28, max_train: int | None = None, seed: int = 0,
+    md5_check: str = "warn",
 ) -> DataSplits:
-    """Official train/val/test splits of a local MedMNIST file (max_train: stratified subset)."""
+    """Official train/val/test splits of a local MedMNIST file (max_train: stratified subset), MD5-checked."""
     task = medmnist_task(flag)
     size = _check_size(size)
     folder = resolve_medmnist_root(root)
@@ -166,6 +206,7 @@ def load_medmnist(
             f"{MEDMNIST_DIR_ENV} / data.root at the folder that has it, or run "
             f"download_medmnist('{task.name}', root, {size}) on a machine with internet and copy it here"
         )
+    md5 = check_md5(path, task.name, size, md5_check)
     arrays = _read_npz(path, task.name, size)
     splits = {s: _split_dataset(arrays, s, task, size, path) for s in _SPLIT_NAMES}
     n_full = len(splits["train"])
@@ -174,7 +215,7 @@ def load_medmnist(
         splits["train"] = splits["train"].subset(keep)
     return DataSplits(
         task, splits["train"], splits["val"], splits["test"], source=f"medmnist:{task.name}",
-        meta={"flag": task.name, "size": size, "path": str(path), "n_train_full": n_full},
+        meta={"flag": task.name, "size": size, "path": str(path), "n_train_full": n_full, **md5},
     )
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from splitfl.config import PartitionConfig
 from splitfl.data.base import ArrayDataset, DataError
 
-SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural")
+SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "quantity", "dirichlet_quantity", "natural")
 _MAX_DIRICHLET_TRIES = 200
 
 
@@ -94,15 +94,25 @@ def _iid(n: int, num_sites: int, rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def _dirichlet(
-    labels: np.ndarray, num_sites: int, alpha: float, min_site_size: int, rng: np.random.Generator
+    labels: np.ndarray, num_sites: int, alpha: float, min_site_size: int, rng: np.random.Generator,
+    quantity_alpha: float | None = None,
 ) -> list[np.ndarray]:
-    """Label skew (Hsu et al. 2019): each class is spread over sites by Dir(alpha) shares."""
+    """Label skew (Hsu et al. 2019): each class is spread over sites by Dir(alpha) shares.
+
+    With ``quantity_alpha``, label *and* quantity skew: every draw also gives the
+    sites size weights q ~ Dir(quantity_alpha), and class c goes to site k in
+    proportion to q_k x its Dir(alpha) share, so big and small hospitals differ
+    in their grade mix too.
+    """
     classes = np.unique(labels)
     for _ in range(_MAX_DIRICHLET_TRIES):
         sites: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
+        sizes = rng.dirichlet(np.full(num_sites, quantity_alpha)) if quantity_alpha is not None else None
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
             shares = rng.dirichlet(np.full(num_sites, alpha))
+            if sizes is not None:
+                shares = shares * sizes / np.sum(shares * sizes)
             cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
             for site, chunk in zip(sites, np.split(idx, cuts)):
                 site.append(chunk)
@@ -110,9 +120,10 @@ def _dirichlet(
         if all(len(p) >= min_site_size for p in parts):
             return parts
     raise DataError(
-        f"partition: dirichlet split with alpha={alpha} could not give all {num_sites} sites at least "
+        f"partition: dirichlet split with alpha={alpha}"
+        f"{f' and quantity_alpha={quantity_alpha}' if quantity_alpha is not None else ''} could not give all {num_sites} sites at least "
         f"{min_site_size} images in {_MAX_DIRICHLET_TRIES} draws ({len(labels)} images); "
-        "raise partition.alpha, lower partition.num_sites or partition.min_site_size, or use more data"
+        "raise partition.alpha (or quantity_alpha), lower partition.num_sites or partition.min_site_size, or use more data"
     )
 
 
@@ -146,14 +157,17 @@ def partition_indices(
     alpha: float = 0.5,
     seed: int = 0,
     min_site_size: int = 10,
+    quantity_alpha: float = 1.0,
 ) -> list[np.ndarray]:
     """Indices of the images each site holds (sorted; disjoint; together all images)."""
     if scheme not in SCHEMES:
         raise DataError(f"partition.scheme: unknown scheme {scheme!r}; choose one of {list(SCHEMES)}")
     if int(num_sites) != num_sites or num_sites < 1:
         raise DataError(f"partition.num_sites must be a positive whole number, got {num_sites!r}")
-    if scheme in ("dirichlet", "quantity") and not alpha > 0:
+    if scheme in ("dirichlet", "quantity", "dirichlet_quantity") and not alpha > 0:
         raise DataError(f"partition.alpha must be > 0 for scheme {scheme!r}, got {alpha!r}")
+    if scheme == "dirichlet_quantity" and not quantity_alpha > 0:
+        raise DataError(f"partition.quantity_alpha must be > 0 for scheme {scheme!r}, got {quantity_alpha!r}")
     if min_site_size < 0:
         raise DataError(f"partition.min_site_size must be >= 0, got {min_site_size}")
     n = len(dataset)
@@ -167,6 +181,8 @@ def partition_indices(
         parts = _iid(n, num_sites, rng)
     elif scheme == "dirichlet":
         parts = _dirichlet(dataset.single_labels(), num_sites, alpha, min_site_size, rng)
+    elif scheme == "dirichlet_quantity":
+        parts = _dirichlet(dataset.single_labels(), num_sites, alpha, min_site_size, rng, quantity_alpha)
     elif scheme == "quantity":
         parts = _quantity(n, num_sites, alpha, min_site_size, rng)
     else:
@@ -182,7 +198,8 @@ def partition_indices(
 
 def partition_dataset(dataset: ArrayDataset, cfg: PartitionConfig) -> list[ArrayDataset]:
     """The per-site datasets for a partition config."""
-    parts = partition_indices(dataset, cfg.scheme, cfg.num_sites, cfg.alpha, cfg.seed, cfg.min_site_size)
+    parts = partition_indices(dataset, cfg.scheme, cfg.num_sites, cfg.alpha, cfg.seed, cfg.min_site_size,
+                              cfg.quantity_alpha)
     return [dataset.subset(p) for p in parts]
 
 

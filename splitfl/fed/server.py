@@ -64,12 +64,18 @@ def build_fed_model(cfg: RunConfig, num_outputs: int, n_channels: int, log: Call
         log(str(report))
     fed = cfg.fed
     dp = fed.dp_noise_multiplier > 0 or fed.dp_target_epsilon is not None
-    if dp and fed.norm == "batchnorm":
-        raise RunError("fed.norm=batchnorm cannot be trained with DP-SGD (BatchNorm mixes samples); use fed.norm: groupnorm")
-    if fed.norm == "groupnorm":  # no running statistics to average; Opacus' per-sample gradients need it too
-        model = ModuleValidator.fix(model)
+    if cfg.model.freeze_encoder:
+        # A frozen encoder (a foundation model's embeddings) is used as loaded: replacing its BatchNorm would
+        # discard its weights, and its running statistics never change, so fed.norm only concerns trained layers.
+        trained: torch.nn.Module = model.head
+    else:
+        if dp and fed.norm == "batchnorm":
+            raise RunError("fed.norm=batchnorm cannot be trained with DP-SGD (BatchNorm mixes samples); use fed.norm: groupnorm")
+        if fed.norm == "groupnorm":  # no running statistics to average; Opacus' per-sample gradients need it too
+            model = ModuleValidator.fix(model)
+        trained = model
     if dp:
-        errors = ModuleValidator.validate(model, strict=False)
+        errors = ModuleValidator.validate(trained, strict=False)
         if errors:
             raise RunError(f"model {cfg.model.name} cannot be trained with Opacus DP-SGD: {errors[0]}")
     return model

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from splitfl.config import RunConfig
 from splitfl.data.base import ArrayDataset
 from splitfl.fed.flat import FlatSpec
+from splitfl.models.embeddings import embedded_dataset
 
 
 def _seed(*parts: int) -> int:
@@ -37,7 +38,7 @@ def _seed(*parts: int) -> int:
 class _Indexed(Dataset):
     """(image, target, index): lets a site log which of its images each step used (for attack evaluation)."""
 
-    def __init__(self, dataset: ArrayDataset) -> None:
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -58,6 +59,7 @@ class Site:
         self.accountant: RDPAccountant | None = RDPAccountant() if self.dp else None
         self.noise_multiplier = fed.dp_noise_multiplier
         self.last_batches: list[list[int]] = []  # indices (into this site's data) of each step of the last round
+        self._embedded: Dataset | None = None  # frozen encoder: this site's embeddings, computed once
         if self.dp and fed.dp_target_epsilon is not None:
             # Noise for the whole run, assuming the site takes part in every round (conservative when sampled).
             steps = cfg.train.epochs * self.steps_per_round
@@ -97,13 +99,19 @@ class Site:
         """Train a copy of the global model locally; return (update, mean training loss)."""
         from splitfl.train import RunError, make_optimizer
 
-        local = copy.deepcopy(global_model).to(self.device)
-        local.train()
+        whole = copy.deepcopy(global_model).to(self.device)
+        whole.train()
+        # A frozen encoder never changes: the site embeds its images once and trains only the head on them.
+        frozen = getattr(whole, "encoder_frozen", False)
+        if frozen and self._embedded is None:
+            self._embedded = embedded_dataset(whole.encoder, self.dataset, self.cfg.train.eval_batch_size, self.device)
+        local: nn.Module = whole.head if frozen else whole
         model: nn.Module = local  # under DP, Opacus' wrapper around the same parameters
         trainable = [p for p in local.parameters() if p.requires_grad]
         optimizer = make_optimizer(trainable, dataclasses.replace(self.cfg.train, lr=lr))
         generator = torch.Generator().manual_seed(_seed(self.cfg.seed, self.index, round_index))
-        loader = DataLoader(_Indexed(self.dataset), batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator)
+        data = self._embedded if frozen else self.dataset
+        loader = DataLoader(_Indexed(data), batch_size=self.cfg.train.batch_size, shuffle=True, generator=generator)
         if self.dp:
             engine = PrivacyEngine(accountant="rdp")
             engine.accountant = self.accountant  # one accountant per site, across rounds
@@ -142,7 +150,7 @@ class Site:
                     self._proximal_step(local, anchor, lr)
                 total += loss.item() * len(targets)
                 count += len(targets)
-        update = spec.flatten(local) - global_flat
+        update = spec.flatten(whole) - global_flat
         return update, total / max(count, 1)
 
     def _empty_batch_dp_step(self, model: nn.Module, optimizer: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Optional
 
 from ..config import ModelConfig
 from . import heads, lenet  # noqa: F401  (lenet registers splitfl_lenet with timm)
+from .adaptation import last_block_parameters
 from .checkpoint import LoadReport, load_pretrained
 from .factory import ModelError, create_model
 from .heads import LinearHead, MLPHead, PolyActivation
@@ -37,8 +38,14 @@ def build_split_model(
     """Build the split model a run config asks for; also return the weight-loading report.
 
     Weights are loaded *before* the split so that encoder and head share the
-    loaded tensors; the encoder is frozen last (``cfg.freeze_encoder``).
+    loaded tensors; the encoder is frozen last (``cfg.freeze_encoder``, or all
+    but its last ``cfg.tune_last_blocks`` blocks).
     """
+    if cfg.freeze_encoder and cfg.tune_last_blocks is not None:
+        raise ModelError(
+            "model.freeze_encoder: true and model.tune_last_blocks are both set; choose one: frozen encoder "
+            "(only the head trains) or the last N blocks tuned."
+        )
     model = create_model(
         cfg.name,
         num_classes=num_classes,
@@ -58,4 +65,9 @@ def build_split_model(
     )
     if cfg.freeze_encoder:
         split.freeze_encoder()
+    elif cfg.tune_last_blocks is not None:
+        encoder_ids = {id(p) for p in split.encoder.parameters()}
+        exclude = {n for n, p in model.named_parameters() if id(p) not in encoder_ids}
+        names = last_block_parameters(model, cfg.tune_last_blocks, exclude)
+        split.freeze_encoder_except({id(p) for n, p in model.named_parameters() if n in names})
     return split, report

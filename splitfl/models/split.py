@@ -63,6 +63,7 @@ class SplitModel(nn.Module):
         self.feature_dim = feature_dim
         self.encoder_frozen = False
         self._trainable_before: dict[str, bool] = {}
+        self._frozen_parts: list[nn.Module] = []  # partly frozen encoder: the frozen submodules, kept in eval mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
@@ -90,6 +91,28 @@ class SplitModel(nn.Module):
             p.requires_grad_(False)
         self.encoder.eval()
 
+    def freeze_encoder_except(self, trainable: set[int]) -> list[str]:
+        """Freeze every encoder parameter whose ``id`` is not in ``trainable``; returns the frozen names.
+
+        The largest submodules left wholly frozen (early blocks with their
+        BatchNorm and dropout) stay in eval mode through :meth:`train`, for the
+        reason :meth:`freeze_encoder` gives.
+        """
+        frozen = []
+        for n, p in self.encoder.named_parameters():
+            if id(p) not in trainable:
+                p.requires_grad_(False)
+                frozen.append(n)
+        self._frozen_parts = []
+        covered: set[int] = set()
+        for _, module in self.encoder.named_modules():
+            params = list(module.parameters())
+            if params and all(not p.requires_grad for p in params) and id(module) not in covered:
+                self._frozen_parts.append(module)
+                covered.update(id(m) for m in module.modules())
+        self.train(self.training)
+        return frozen
+
     def unfreeze_encoder(self) -> None:
         """Train the encoder again (restoring each parameter's previous flag); it follows train/eval mode."""
         before = self._trainable_before if self.encoder_frozen else {}
@@ -102,6 +125,8 @@ class SplitModel(nn.Module):
         super().train(mode)
         if self.encoder_frozen:
             self.encoder.eval()
+        for part in self._frozen_parts:
+            part.eval()
         return self
 
     def extra_repr(self) -> str:

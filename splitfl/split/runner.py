@@ -26,6 +26,7 @@ from splitfl.data import DataSplits, partition_dataset
 from splitfl.data.base import ArrayDataset
 from splitfl.metrics import TaskMetrics, make_loss
 from splitfl.models import build_split_model
+from splitfl.models.embeddings import encode_images
 from splitfl.split.server import SplitServer
 from splitfl.split.transcript import RelayRecorder, TranscriptRecorder
 from splitfl.split.transport import FullHETransport, HETransport, PlainTransport
@@ -258,11 +259,8 @@ class SplitRunner:
                 return self.encoder(images.to(self.device))
         return self.encoder(images.to(self.device))
 
-    @torch.no_grad()
     def _encode_all(self, dataset: ArrayDataset) -> torch.Tensor:
-        self.encoder.eval()
-        bs = self.cfg.train.eval_batch_size
-        return torch.cat([self.encoder(dataset._x[i:i + bs].to(self.device)).cpu() for i in range(0, len(dataset), bs)])
+        return encode_images(self.encoder, dataset._x, self.cfg.train.eval_batch_size, self.device)
 
     def _head_update(self, deltas: list[torch.Tensor], inputs: list[torch.Tensor], site: int) -> torch.Tensor:
         """The head gradient the server needs: every layer's [dW | db], flattened; per-sample clipped and noised under DP.
