@@ -13,10 +13,13 @@ from . import heads, lenet  # noqa: F401  (lenet registers splitfl_lenet with ti
 from .adaptation import last_block_parameters
 from .checkpoint import LoadReport, load_pretrained
 from .factory import ModelError, create_model
+from .formats import FORMATS, KeyMapping, detect_format
 from .heads import LinearHead, MLPHead, PolyActivation
 from .split import SplitModel, split_model, valid_cuts
 
 __all__ = [
+    "FORMATS",
+    "KeyMapping",
     "LinearHead",
     "LoadReport",
     "MLPHead",
@@ -25,6 +28,7 @@ __all__ = [
     "SplitModel",
     "build_split_model",
     "create_model",
+    "detect_format",
     "heads",
     "load_pretrained",
     "split_model",
@@ -55,7 +59,7 @@ def build_split_model(
         drop_rate=cfg.drop_rate,
         **cfg.timm_kwargs,
     )
-    report = load_pretrained(model, cfg.pretrained) if cfg.pretrained else None
+    report = load_pretrained(model, cfg.pretrained, fmt=cfg.pretrained_format) if cfg.pretrained else None
     split = split_model(
         model,
         cut=cfg.cut,

@@ -7,6 +7,10 @@ the ImageNet one. Those expected differences are resolved the way timm does
 for its own pretrained weights and *reported*; anything else (the wrong
 architecture, a corrupt file) is an error that names the key or path.
 
+Public foundation models (RETFound, UNI, DINOv2, Phikon) are released in their
+own key layouts; :mod:`splitfl.models.formats` converts them to timm names
+first (``model.pretrained_format``), and the report records that mapping.
+
 Weights are never downloaded: the file must be on disk. ``torch.load`` runs
 with ``weights_only=True``, so a checkpoint cannot execute code.
 """
@@ -23,6 +27,7 @@ from timm.layers import resample_patch_embed
 from timm.models import adapt_input_conv, load_state_dict
 
 from .factory import ModelError
+from .formats import FOUNDATION_FORMATS, KeyMapping, convert_checkpoint, fit_vit_checkpoint
 from .split import SplitModel
 
 __all__ = ["CHECKPOINT_SUFFIXES", "LoadReport", "load_pretrained"]
@@ -45,6 +50,10 @@ class LoadReport:
             loaded, e.g. a classifier sized for another number of classes.
         adapted_keys: ``(key, how)`` for entries converted to fit, e.g. RGB
             first-conv weights summed to one input channel.
+        format: the checkpoint layout used (``model.pretrained_format``, or
+            the one detected from the keys), see :mod:`splitfl.models.formats`.
+        mapping: which checkpoint key(s) each model key came from, and the
+            entries the format drops on purpose (also in ``dropped_keys``).
     """
 
     path: str
@@ -53,35 +62,64 @@ class LoadReport:
     unexpected_keys: list[str] = field(default_factory=list)
     dropped_keys: list[tuple[str, str]] = field(default_factory=list)
     adapted_keys: list[tuple[str, str]] = field(default_factory=list)
+    format: str = "timm"
+    mapping: Optional[KeyMapping] = None
+
+    @property
+    def renamed(self) -> list[tuple[str, str]]:
+        """``(checkpoint key(s), model key)`` for tensors the format renamed or combined."""
+        return self.mapping.renamed if self.mapping is not None else []
 
     def __str__(self) -> str:
+        how = ", detected from keys" if self.mapping is not None and self.mapping.detected else ""
         lines = [
-            f"Loaded {len(self.loaded_keys)} tensors from {self.path}",
+            f"Loaded {len(self.loaded_keys)} tensors from {self.path} (format: {self.format}{how})",
             f"  adapted: {len(self.adapted_keys)}, dropped: {len(self.dropped_keys)}, "
             f"missing (left at init): {len(self.missing_keys)}, unexpected (ignored): {len(self.unexpected_keys)}",
         ]
+        if self.format != "timm":
+            renamed = [f"{src} -> {dst}" for src, dst in self.renamed]
+            lines += _listing(f"renamed {len(renamed)} keys to timm names", renamed, limit=6) or [
+                "  renamed: none (the checkpoint's encoder keys already are timm names)"
+            ]
         lines += [f"  adapted {k}: {how}" for k, how in self.adapted_keys]
-        lines += [f"  dropped {k}: {why}" for k, why in self.dropped_keys]
+        for why, keys in _by_reason(self.dropped_keys).items():
+            lines.append(f"  dropped {_shown(keys, limit=6)}: {why}")
         lines += _listing("missing", self.missing_keys)
         lines += _listing("unexpected", self.unexpected_keys)
         return "\n".join(lines)
 
 
 def _listing(label: str, keys: list[str], limit: int = 10) -> list[str]:
-    if not keys:
-        return []
-    shown = ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-    return [f"  {label}: {shown}"]
+    return [f"  {label}: {_shown(keys, limit)}"] if keys else []
 
 
-def load_pretrained(model: nn.Module, path: str, strict: bool = False) -> LoadReport:
+def _shown(keys: list[str], limit: int) -> str:
+    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _by_reason(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Group ``(key, reason)`` pairs by reason, in first-seen order (an MAE decoder is ~100 keys, one reason)."""
+    groups: dict[str, list[str]] = {}
+    for key, why in pairs:
+        groups.setdefault(why, []).append(key)
+    return groups
+
+
+def load_pretrained(model: nn.Module, path: str, strict: bool = False, fmt: str = "auto") -> LoadReport:
     """Load a local checkpoint into ``model`` in place and report what happened.
 
     Accepts ``.pth/.pt/.bin/.ckpt`` (``torch.load``, weights only) and
     ``.safetensors``; the state dict may be nested under ``'state_dict_ema'``,
     ``'model_ema'``, ``'state_dict'`` or ``'model'`` (timm's
     :func:`~timm.models.load_state_dict` picks it, preferring EMA weights) and
-    prefixed by ``module.``/``_orig_mod.``/``model.``. Then, per key:
+    prefixed by ``module.``/``_orig_mod.``/``model.``.
+
+    The keys are then converted from the file's layout (``fmt``: RETFound,
+    UNI, DINOv2, Phikon, or detected with ``auto``) to timm ViT names, and
+    fitted to the model (LayerScale/register tokens checked, position
+    embeddings resampled to the model's grid), see
+    :mod:`splitfl.models.formats`. Then, per key:
 
     * classifier with another shape (other ``num_classes``): dropped, reported;
     * first conv with other input channels: adapted with timm's
@@ -91,20 +129,24 @@ def load_pretrained(model: nn.Module, path: str, strict: bool = False) -> LoadRe
       small-input ResNet stem) are dropped and reported;
     * any other shape mismatch: :class:`ModelError`.
 
-    Architecture-specific key conversions (e.g. ViT position-embedding
-    resampling, original ConvNeXt/DINOv2/CLIP layouts) use the timm model
-    module's own ``checkpoint_filter_fn`` when it has one.
+    For the ``timm`` format, architecture-specific key conversions (e.g. ViT
+    position-embedding resampling, original ConvNeXt/CLIP layouts) use the
+    timm model module's own ``checkpoint_filter_fn`` when it has one.
 
     Args:
         model: the model to fill, before :func:`~splitfl.models.split_model`.
         path: local checkpoint file.
         strict: also fail on missing or unexpected keys (the documented
-            classifier/stem drops are still allowed).
+            classifier/stem drops are still allowed, and so is a missing
+            classifier for the foundation formats, which hold encoders only).
+        fmt: the file's key layout, ``model.pretrained_format``: ``auto``,
+            ``timm``, ``retfound``, ``uni``, ``dinov2`` or ``phikon``.
 
     Raises:
-        ModelError: missing/unreadable file, not a state dict, a shape that
-            cannot be adapted, more than half the model's keys missing, or
-            (``strict``) any missing/unexpected key.
+        ModelError: missing/unreadable file, not a state dict, a file not in
+            the named format's layout, a LayerScale/register-token mismatch,
+            a shape that cannot be adapted, more than half the model's keys
+            missing, or (``strict``) any missing/unexpected key.
     """
     if isinstance(model, SplitModel):
         raise ModelError(
@@ -113,8 +155,13 @@ def load_pretrained(model: nn.Module, path: str, strict: bool = False) -> LoadRe
         )
     name = _arch_name(model)
     own = model.state_dict()
-    state = _filter_for_arch(_strip_wrapper_prefixes(_read_state_dict(path), own), model)
-    report = LoadReport(path=str(path))
+    state, mapping = convert_checkpoint(_strip_wrapper_prefixes(_read_state_dict(path), own), fmt, path=str(path))
+    report = LoadReport(path=str(path), format=mapping.format, mapping=mapping)
+    if mapping.format in FOUNDATION_FORMATS:
+        report.dropped_keys.extend(mapping.dropped)
+        report.adapted_keys.extend(fit_vit_checkpoint(state, model, mapping, str(path), name))
+    else:
+        state = _filter_for_arch(state, model)
 
     clf_keys = _classifier_keys(model)
     first_conv = _first_conv_weight(model)
@@ -156,8 +203,10 @@ def load_pretrained(model: nn.Module, path: str, strict: bool = False) -> LoadRe
             f"checkpoint keys are unknown (e.g. {', '.join(report.unexpected_keys[:3])}). "
             "Did you pick the right model name?"
         )
-    if strict and (report.missing_keys or report.unexpected_keys):
-        problems = _listing("missing", report.missing_keys) + _listing("unexpected", report.unexpected_keys)
+    # encoder-only foundation checkpoints have no classifier to miss
+    strict_missing = [k for k in report.missing_keys if mapping.format not in FOUNDATION_FORMATS or k not in clf_keys]
+    if strict and (strict_missing or report.unexpected_keys):
+        problems = _listing("missing", strict_missing) + _listing("unexpected", report.unexpected_keys)
         raise ModelError(
             f"strict loading of {path} into {name} failed:\n" + "\n".join(problems)
             + "\nUse strict=False to leave missing keys at init and ignore unexpected ones."
@@ -188,9 +237,17 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         # and strips DDP/torch.compile prefixes.
         state = load_state_dict(path, use_ema=True, device="cpu", weights_only=True)
     except Exception as e:  # corrupt archive, pickle refused by weights_only, truncated file, ...
+        hint = ""
+        if "weights_only" in str(e):
+            hint = (
+                " If this is a training checkpoint you trust (e.g. RETFound/MAE with 'optimizer' and 'args' "
+                "entries), extract its weights once and point model.pretrained at the result: python -c \"import "
+                f"torch; ck = torch.load({path!r}, map_location='cpu', weights_only=False); "
+                "torch.save(ck['model'], 'encoder_weights.pth')\""
+            )
         raise ModelError(
             f"Could not read checkpoint {path!r}: {type(e).__name__}: {e}. The file is corrupt or not a "
-            "PyTorch/safetensors checkpoint (pickled objects other than tensors are refused for safety)."
+            "PyTorch/safetensors checkpoint (pickled objects other than tensors are refused for safety)." + hint
         ) from None
     if not isinstance(state, dict) or not state:
         raise ModelError(f"Checkpoint {path!r} holds no state dict (got {type(state).__name__}).")
