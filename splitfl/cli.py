@@ -16,6 +16,7 @@ from attacks.harness import build_attack_parser, cmd_attack
 from interpret.report import build_report_parser, cmd_report
 from splitfl.compare import CompareError, build_compare_parser, cmd_compare
 from splitfl.config import RunConfig
+from splitfl.pretrain.config import build_pretrain_parser, config_from_namespace
 
 
 
@@ -28,9 +29,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from interpret.model_loading import RunLoadError
     from interpret.report import ReportError
     from splitfl.net.certs import PkiError
+    from splitfl.pretrain.config import PretrainError
 
     return (DataError, ModelError, RunError, CompareError, PkiError, FileNotFoundError, ReportError, RunLoadError,
-            ImageInputError)
+            ImageInputError, PretrainError)
 
 
 def _run_parser(description: str) -> ArgumentParser:
@@ -59,6 +61,8 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("compare", build_compare_parser(), help="run several regimes on one task and tabulate them")
     sub.add_subcommand("attack", build_attack_parser(), help="measure what a curious server can reconstruct in each regime")
     sub.add_subcommand("report", build_report_parser(), help="explain a trained model's predictions in an HTML report")
+
+    sub.add_subcommand("pretrain", build_pretrain_parser(), help="self-supervised pretraining of an encoder (MAE, SimCLR)")
 
     certs = ArgumentParser(description="Make a development CA, a server certificate, one client certificate and token per site.")
     certs.add_argument("--out", type=str, required=True, help="folder for the PKI (ca/, server/, sites/<name>/)")
@@ -117,6 +121,12 @@ def cmd_train(ns: Namespace) -> None:
     run(to_run_config(ns), ns.out)
 
 
+def cmd_pretrain(ns: Namespace) -> None:
+    from splitfl.pretrain.runner import run as pretrain  # lazy: torch, timm and Fabric, kept out of `splitfl --help`
+
+    pretrain(config_from_namespace(ns), ns.out)
+
+
 def cmd_serve(ns: Namespace) -> None:
     from splitfl.net.launch import serve
 
@@ -173,6 +183,7 @@ def cmd_data_summary(ns: Namespace) -> None:
 
 COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
     ("train",): cmd_train,
+    ("pretrain",): cmd_pretrain,
     ("compare",): cmd_compare,
     ("attack",): cmd_attack,
     ("report",): cmd_report,

@@ -90,6 +90,8 @@ class Encoder:
     name: str  # also the folder <out>/<name>
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted run config keys, e.g. model.freeze_encoder: true
     pretrain: Optional[str] = None
+    # where to pretrain (default <out>/pretrain/<name>); a folder shared by several comparisons pretrains once
+    pretrain_out: Optional[str] = None
 
 
 @dataclass
@@ -241,9 +243,9 @@ PRETRAIN_DIR = "pretrain"
 PRETRAINED_FILE = "encoder.pt"
 
 
-def pretrain_dir(out: Path, encoder: str) -> Path:
-    """Where a comparison pretrains an encoder: ``<out>/pretrain/<encoder>/``."""
-    return Path(out) / PRETRAIN_DIR / encoder
+def pretrain_dir(out: Path, encoder: Encoder) -> Path:
+    """Where a comparison pretrains an encoder: its ``pretrain_out``, else ``<out>/pretrain/<encoder>/``."""
+    return Path(encoder.pretrain_out) if encoder.pretrain_out else Path(out) / PRETRAIN_DIR / encoder.name
 
 
 def plan_cells(cfg: CompareConfig, out: str | Path, only: list[str] | None = None) -> list[Cell]:
@@ -263,11 +265,9 @@ def plan_cells(cfg: CompareConfig, out: str | Path, only: list[str] | None = Non
     for enc in cfg.encoders:
         overrides = dict(enc.overrides or {})
         if enc.pretrain is not None:
-            if not Path(enc.pretrain).is_file():
-                raise CompareError(f"encoder {enc.name!r}: pretrain config {enc.pretrain!r} not found")
             if "model.pretrained" in overrides:
                 raise CompareError(f"encoder {enc.name!r}: give either 'pretrain' or a model.pretrained override, not both")
-            overrides["model.pretrained"] = str(pretrain_dir(out, enc.name) / PRETRAINED_FILE)
+            overrides["model.pretrained"] = str(pretrain_dir(out, enc) / PRETRAINED_FILE)
         for v in cfg.variants:
             cells.append(Cell(enc.name, v, variant_run_config(cfg, v, overrides), out / enc.name / v.name, True))
     if only is not None:
@@ -596,14 +596,18 @@ def compare(
     selected = [c for c in cells if c.chosen]
     data = cfg.data
     title = f"{data.flag if data.source == 'medmnist' else f'{data.source} {data.modality}'}: regimes compared"
-    pretrain_first = {e.name: e.pretrain for e in cfg.encoders if e.pretrain is not None}
+    pretrain_first = {e.name: e for e in cfg.encoders if e.pretrain is not None}
     for name in dict.fromkeys(c.encoder for c in selected if c.encoder in pretrain_first):
-        folder = pretrain_dir(out, name)
-        log(f"[pretrain] {name}: {pretrain_first[name]} into {folder}")
+        encoder = pretrain_first[name]
+        folder = pretrain_dir(out, encoder)
+        if not Path(encoder.pretrain).is_file():
+            raise CompareError(f"encoder {name!r}: pretrain config {encoder.pretrain!r} not found (a path relative to "
+                               "the folder splitfl compare runs in)")
+        log(f"[pretrain] {name}: {encoder.pretrain} into {folder}")
         # torch and Lightning load only when something is trained
-        from splitfl.pretrain import pretrain_from_file
+        from splitfl.pretrain.runner import pretrain_from_file
 
-        pretrain_from_file(pretrain_first[name], folder)
+        pretrain_from_file(encoder.pretrain, folder)
     trained = 0
     for k, cell in enumerate(selected, 1):
         head = f"[{k}/{len(selected)}] {cell.label} ({cell.variant.regime})"

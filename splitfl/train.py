@@ -116,6 +116,25 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
+def load_resume_state(path: Path, key: dict[str, Any], default_key: dict[str, Any], error: type[Exception],
+                      what: str = "a run") -> dict[str, Any]:
+    """A checkpoint's state, refused with the keys that differ when it was saved under another configuration.
+
+    ``key`` is this run's resume key; the saved one is completed with ``default_key`` first, since keys added to
+    splitfl after a run was saved were at their defaults in it.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt file: say so instead of a pickle traceback
+        raise error(f"{path}: cannot read checkpoint ({exc}); delete it to start over") from exc
+    saved = with_defaults(state.get("resume_key") or {}, default_key)
+    if saved != key:
+        changed = "; ".join(_differences(saved, key))
+        raise error(f"{Path(path).parent} holds {what} with a different configuration ({changed}); use another --out, "
+                    "or delete the folder to start over")
+    return state
+
+
 # ----------------------------------------------------------------------------- loops
 
 
@@ -244,17 +263,7 @@ def fit(fabric: Fabric, runner: Any, cfg: RunConfig, splits: DataSplits, out_dir
     start_epoch = 0
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # corrupt file: say so instead of a pickle traceback
-            raise RunError(f"{ckpt_path}: cannot read checkpoint ({exc}); delete it to start over") from exc
-        saved_key = with_defaults(state.get("resume_key") or {}, _resume_key(RunConfig()))
-        if saved_key != _resume_key(cfg):
-            changed = "; ".join(_differences(saved_key, _resume_key(cfg)))
-            raise RunError(
-                f"{out_dir} holds a run with a different configuration ({changed}); use another --out, "
-                "or delete the folder to start over"
-            )
+        state = load_resume_state(ckpt_path, _resume_key(cfg), _resume_key(RunConfig()), RunError)
         runner.load_state_dict(state["runner"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         torch.set_rng_state(state["torch_rng"])

@@ -269,3 +269,84 @@ def test_a_run_saved_before_a_config_key_existed_is_reused_and_a_changed_one_is_
     assert is_finished(tmp_path, cfg)
     assert not is_finished(tmp_path, dataclasses.replace(cfg, fed=dataclasses.replace(cfg.fed, local_steps=1)))
     assert not is_finished(tmp_path, dataclasses.replace(cfg, seed=1))
+
+
+# ----------------------------------------------------------------------------- encoders x variants
+
+ENCODERS = """\
+variants:
+  - {name: local, regime: local}
+  - {name: centralized, regime: centralized}
+encoders:
+  - {name: frozen, overrides: {model.freeze_encoder: true, train.lr: 0.01}}
+  - {name: tuned}
+published:
+  - {source: "FOCAL (Bian et al., medRxiv 2026)", task: "DR severity grading", gain_percent: 14.46}
+"""
+
+
+def test_encoders_cross_every_variant_into_their_own_folders(tmp_path):
+    from splitfl.compare import plan_cells
+
+    cfg_path = _config(tmp_path, ENCODERS)
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["compare", "--config", str(cfg_path), "--out", str(tmp_path / "out")])
+    out = tmp_path / "out"
+    for enc in ("frozen", "tuned"):
+        for var in ("local", "centralized"):
+            saved = json.loads((out / enc / var / "metrics.json").read_text())
+            assert saved["model"]["freeze_encoder"] is (enc == "frozen")
+    table = json.loads((out / "comparison.json").read_text())
+    rows = {(r["encoder"], r["variant"]): r for r in table["rows"]}
+    assert set(rows) == {(e, v) for e in ("frozen", "tuned") for v in ("local", "centralized")}
+    for enc in ("frozen", "tuned"):
+        local, central = rows[(enc, "local")], rows[(enc, "centralized")]
+        assert len(local["sites"]) == 2 and local["gain_over_single"] is None
+        site_mean = sum(s["test_auroc_macro"] for s in local["sites"]) / 2
+        assert local["test_auroc_macro"] == pytest.approx(site_mean)
+        # each encoder's collaborative rows are compared with its own single institutions and centralized run
+        assert central["gain_over_single"] == pytest.approx(central["test_auroc_macro"] - site_mean)
+        assert central["gap_to_centralized"] == 0
+    md = (out / "comparison.md").read_text()
+    assert "| encoder | variant |" in md and "FOCAL (Bian et al., medRxiv 2026): DR severity grading" in md
+    assert "+14.46 %" in md and table["published"][0]["gain_percent"] == 14.46
+
+    cells = plan_cells(_parsed(cfg_path), out, ["tuned"])
+    assert [(c.label, c.chosen) for c in cells] == [
+        ("frozen/local", False), ("frozen/centralized", False), ("tuned/local", True), ("tuned/centralized", True)]
+    cells = plan_cells(_parsed(cfg_path), out, ["centralized"])
+    assert [c.label for c in cells if c.chosen] == ["frozen/centralized", "tuned/centralized"]
+    assert [c.label for c in plan_cells(_parsed(cfg_path), out, ["frozen/local"]) if c.chosen] == ["frozen/local"]
+    with pytest.raises(Exception, match="unknown name 'nope'"):
+        plan_cells(_parsed(cfg_path), out, ["nope"])
+
+
+def _parsed(path: Path) -> CompareConfig:
+    """A compare config file parsed as ``splitfl compare`` parses it."""
+    import dataclasses
+
+    from splitfl.compare import build_compare_parser
+
+    parser = build_compare_parser()
+    ns = parser.instantiate(parser.parse_args(["--config", str(path), "--out", "x"]))
+    return CompareConfig(**{f.name: ns[f.name] for f in dataclasses.fields(CompareConfig)})
+
+
+def test_pretrained_encoder_points_at_its_pretraining_and_names_clash(tmp_path):
+    from splitfl.compare import CompareError, Encoder, plan_cells
+
+    base = CompareConfig(variants=[Variant("centralized", "centralized")],
+                         encoders=[Encoder("fm", {"model.freeze_encoder": True}, pretrain="p.yaml"),
+                                   Encoder("shared", pretrain="p.yaml", pretrain_out="runs/pretrain/x")])
+    cells = plan_cells(base, tmp_path)
+    assert cells[0].config.model.pretrained == str(tmp_path / "pretrain" / "fm" / "encoder.pt")
+    assert cells[0].config.model.freeze_encoder is True
+    assert cells[1].config.model.pretrained == str(Path("runs/pretrain/x") / "encoder.pt")
+    with pytest.raises(CompareError, match="clash"):
+        plan_cells(CompareConfig(variants=[Variant("centralized", "centralized")], encoders=[Encoder("centralized")]), tmp_path)
+    with pytest.raises(CompareError, match="either 'pretrain' or a model.pretrained"):
+        plan_cells(CompareConfig(encoders=[Encoder("fm", {"model.pretrained": "a.pt"}, pretrain="p.yaml")]), tmp_path)
+    with pytest.raises(CompareError, match="pretrain config 'p.yaml' not found"):
+        from splitfl.compare import compare
+
+        compare(base, tmp_path, log=lambda _: None)
