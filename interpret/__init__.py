@@ -7,6 +7,8 @@
   Captum infidelity and sensitivity, the model-randomisation test;
 * :mod:`interpret.agreement` - rank correlation and top-k overlap of two
   models' maps;
+* :mod:`interpret.ordinal` - ordinal grading: per-grade maps, the
+  expected-grade contrast, grading agreement (kappa, grade error);
 * :mod:`interpret.targets` - the Grad-CAM layer, and which models Captum's
   DeepLift cannot explain.
 
@@ -24,6 +26,7 @@ _EXPORTS = {
     "interpret.faithfulness": ["deletion_insertion", "infidelity_scores", "randomisation_check", "randomise_model",
                                "sensitivity_scores", "target_probability"],
     "interpret.agreement": ["compare_maps", "spearman_per_image", "top_fraction_overlap"],
+    "interpret.ordinal": ["contrast_maps", "grade_maps", "grading_metrics", "per_grade_maps"],
     "interpret.targets": ["gradcam_layer", "uses_smooth_nonlinearity"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

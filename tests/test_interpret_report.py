@@ -89,8 +89,11 @@ def report(runs, images_npz):
 
 
 def test_html_is_self_contained_with_every_section(report):
-    out, _, html = report
+    out, numbers, html = report
     assert html.sections == ["cohort", "trust", "agreement", "images", "model-card", "caveats"]
+    # a binary task has no grades: no grading section, per-grade maps or ordinal numbers
+    assert 'class="per-grade"' not in out.read_text() and "ordinal" not in numbers
+    assert all("target" not in row for row in numbers["trust"])
     assert html.external == []  # no linked file, script or remote image: one file to hand over
     assert all(src.startswith("data:image/png;base64,") for src in html.img_src)
     assert oct(out.stat().st_mode & 0o777) == "0o644"
