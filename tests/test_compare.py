@@ -350,3 +350,38 @@ def test_pretrained_encoder_points_at_its_pretraining_and_names_clash(tmp_path):
         from splitfl.compare import compare
 
         compare(base, tmp_path, log=lambda _: None)
+
+
+def test_compare_pretrains_the_foundation_encoder_once_and_probes_it_frozen(tmp_path):
+    """One command: SimCLR pretraining into a shared folder, then a frozen linear probe that loads its encoder.pt."""
+    import yaml
+
+    pretrain = {
+        "method": "simclr", "img_size": 28, "channels": 1,
+        "model": {"name": "test_resnet"},
+        "sources": [{"kind": "synthetic", "modality": "xray", "n": 16, "seed": 7}],
+        "simclr": {"proj_hidden": 16, "proj_dim": 8},
+        "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "progress": False, "accelerator": "cpu"},
+    }
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(pretrain))
+    shared = tmp_path / "shared-fm"
+    encoders = f"""\
+variants:
+  - {{name: centralized, regime: centralized}}
+encoders:
+  - {{name: fm, pretrain: {tmp_path / 'pretrain.yaml'}, pretrain_out: {shared}, overrides: {{model.freeze_encoder: true}}}}
+"""
+    cfg_path = _config(tmp_path, encoders)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["compare", "--config", str(cfg_path), "--out", str(tmp_path / "a")])
+        main(["compare", "--config", str(cfg_path), "--out", str(tmp_path / "b")])  # another comparison, same FM
+    assert (shared / "encoder.pt").is_file() and not (tmp_path / "a" / "pretrain").exists()
+    info = json.loads((shared / "pretrain.json").read_text())
+    assert info["n_images"] == 16
+    saved = yaml.safe_load((tmp_path / "b" / "fm" / "centralized" / "config.yaml").read_text())
+    assert saved["model"]["pretrained"] == str(shared / "encoder.pt") and saved["model"]["freeze_encoder"] is True
+    weights = torch.load(tmp_path / "b" / "fm" / "centralized" / "best_model.pt", weights_only=False)["model"]
+    fm = torch.load(shared / "encoder.pt", weights_only=True)
+    conv = next(k for k in fm if k.endswith("conv1.weight"))
+    assert torch.equal(weights["encoder.body." + conv], fm[conv])  # the frozen probe runs on the pretrained weights
