@@ -429,6 +429,7 @@ def add_gaps(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         single = next((r["test_auroc_macro"] for r in group if r["regime"] == "local"), None)
         for row in group:
             auc = row["test_auroc_macro"]
+            row["is_reference"] = row is ref
             row["gap_to_centralized"] = auc - ref_auc if auc is not None and ref_auc is not None else None
             collaborative = row["regime"] != "local"
             row["gain_over_single"] = auc - single if collaborative and auc is not None and single is not None else None
@@ -495,7 +496,7 @@ def markdown_table(rows: list[dict[str, Any]], reference: dict[str, Any] | None,
         name = r["variant"] + (" (mean of sites)" if r["sites"] else "")
         cells = ([str(r.get("encoder") or "")] if has_enc else []) + [name.replace("|", "\\|"), r["regime"], _fmt(r["test_auroc_macro"], ".4f")]
         if has_ref:
-            cells.append("—" if r is reference else _fmt(r["gap_to_centralized"], "+.4f"))
+            cells.append("—" if r.get("is_reference") else _fmt(r["gap_to_centralized"], "+.4f"))
         if has_single:
             cells.append(_fmt(None if r["gain_over_single"] is None else 100 * r["gain_over_single"], "+.2f"))
         if ordinal:
