@@ -35,3 +35,20 @@ def pub(ctx):
     from splitfl.he import load_public_context, public_context_bytes
 
     return load_public_context(public_context_bytes(ctx))
+
+
+def interrupt_on_call(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, call: int = 2) -> None:
+    """Make ``owner.name`` raise KeyboardInterrupt on its ``call``-th call (Ctrl-C during that epoch).
+
+    Resume tests interrupt a run with it, then ``monkeypatch.undo()`` and run again on the same folder.
+    """
+    real = getattr(owner, name)
+    calls: list[int] = []
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)

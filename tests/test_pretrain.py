@@ -16,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import interrupt_on_call
 from splitfl.cli import main as cli_main
 from splitfl.config import ModelConfig
 from splitfl.models import build_split_model
@@ -273,20 +274,11 @@ def test_encoder_loads_downstream_with_no_missing_or_unexpected_keys(tmp_path, m
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     straight = run(tiny_config("mae", epochs=3), tmp_path / "straight")
-    real_epoch = runner_mod.train_one_epoch
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C during the second epoch
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(runner_mod, "train_one_epoch", interrupted)
+    interrupt_on_call(monkeypatch, runner_mod, "train_one_epoch")  # Ctrl-C during the second epoch
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config("mae", epochs=3), tmp_path / "resumed")
     assert len(list(csv.DictReader((tmp_path / "resumed" / "history.csv").open()))) == 1
-    monkeypatch.setattr(runner_mod, "train_one_epoch", real_epoch)
+    monkeypatch.undo()
     resumed = run(tiny_config("mae", epochs=3), tmp_path / "resumed")
     h1 = list(csv.DictReader((tmp_path / "straight" / "history.csv").open()))
     h2 = list(csv.DictReader((tmp_path / "resumed" / "history.csv").open()))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupt_on_call
 from splitfl.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, TrainConfig
 from splitfl.train import CHECKPOINT, RunError, run
 
@@ -59,19 +60,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     straight = run(tiny_config(), tmp_path / "straight")
     import splitfl.train as train_mod
 
-    real_epoch = train_mod.train_one_epoch
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C during the second epoch
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    interrupt_on_call(monkeypatch, train_mod, "train_one_epoch")  # Ctrl-C during the second epoch
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(), tmp_path / "resumed")
-    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    monkeypatch.undo()
     resumed = run(tiny_config(), tmp_path / "resumed")
     h1 = list(csv.DictReader((tmp_path / "straight" / "history.csv").open()))
     h2 = list(csv.DictReader((tmp_path / "resumed" / "history.csv").open()))
