@@ -273,10 +273,10 @@ def model_card(run: Any) -> list[tuple[str, str]]:
 
 
 CAVEATS = [
-    "These maps show which pixels moved this model's output for the predicted class. They are not a diagnosis, "
-    "and they do not show what a clinician should look at.",
-    "A bright region can be a shortcut the model learned (a marker, text, the edge of the film) rather than a "
-    "finding. Check the regions against your own reading before trusting a prediction.",
+    "These maps show which pixels moved this model's output for the predicted class (or grade). They are not a "
+    "diagnosis, and they do not show what a clinician should look at.",
+    "A bright region can be a shortcut the model learned (a marker, text, a corner or the edge of the image) rather "
+    "than a finding. Check the regions against your own reading before trusting a prediction.",
     "Different methods answer slightly different questions and can disagree; the trust table shows which ones "
     "did better than random on these images. Treat a method marked 'caution' as unreliable for this model.",
     "The images are shown at the resolution the model was trained on, which is far lower than a clinical image. "
