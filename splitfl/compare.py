@@ -436,7 +436,7 @@ def add_gaps(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return first_ref
 
 
-def gains_summary(rows: list[dict[str, Any]], published: list[PublishedResult], regime: str = "split-he") -> list[dict[str, Any]]:
+def gains_summary(rows: list[dict[str, Any]], regime: str = "split-he") -> list[dict[str, Any]]:
     """Per encoder: ``regime``'s gain over the mean single institution, in AUROC points and relative."""
     out = []
     for row in rows:
@@ -523,7 +523,7 @@ def markdown_table(rows: list[dict[str, Any]], reference: dict[str, Any] | None,
         "Bytes / round: training traffic per round (FedAvg) or per epoch over every hospital (split learning); "
         "0 where nothing crosses a network. ε: the DP budget spent at the reported δ; — without DP.",
     ]
-    gains = gains_summary(rows, published or [])
+    gains = gains_summary(rows)
     if gains or published:
         notes += ["", "## Gain of split-he over the mean single institution", "",
                   "| | split-he AUROC | mean single AUROC | gain (AUROC points) | gain (relative) |",
@@ -566,7 +566,7 @@ def write_comparison(rows: list[dict[str, Any]], out: Path, title: str, config_p
                 "reference": reference["variant"] if reference is not None else None,
                 "reference_test_auroc_macro": reference["test_auroc_macro"] if reference is not None else None,
                 "rows": rows,
-                "gain_over_single": gains_summary(rows, published or []),
+                "gain_over_single": gains_summary(rows),
                 "published": [dataclasses.asdict(p) for p in published or []],
             },
         ),

@@ -83,8 +83,7 @@ def test_frozen_centralized_run_is_a_linear_probe_on_cached_embeddings(tmp_path)
     split, _ = build_split_model(cfg.model, splits.task.num_outputs, splits.task.n_channels, cfg.data.size)
     feats = encode_images(split.encoder, splits.train._x, 64, "cpu")
     head = torch.nn.Linear(feats.shape[1], splits.task.num_outputs)
-    head.load_state_dict({"weight": split.head.fc.weight.detach().clone(), "bias": split.head.fc.bias.detach().clone()}
-                         if hasattr(split.head, "fc") else {k.split(".")[-1]: v for k, v in split.head.state_dict().items()})
+    head.load_state_dict({k.split(".")[-1]: v.clone() for k, v in split.head.state_dict().items()})  # the run's initial head
     opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=cfg.train.momentum)
     data = torch.utils.data.TensorDataset(feats, splits.train._y)
     for epoch in range(2):

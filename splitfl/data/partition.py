@@ -179,10 +179,9 @@ def partition_indices(
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         parts = _iid(n, num_sites, rng)
-    elif scheme == "dirichlet":
-        parts = _dirichlet(dataset.single_labels(), num_sites, alpha, min_site_size, rng)
-    elif scheme == "dirichlet_quantity":
-        parts = _dirichlet(dataset.single_labels(), num_sites, alpha, min_site_size, rng, quantity_alpha)
+    elif scheme in ("dirichlet", "dirichlet_quantity"):
+        sizes_alpha = quantity_alpha if scheme == "dirichlet_quantity" else None
+        parts = _dirichlet(dataset.single_labels(), num_sites, alpha, min_site_size, rng, sizes_alpha)
     elif scheme == "quantity":
         parts = _quantity(n, num_sites, alpha, min_site_size, rng)
     else:
