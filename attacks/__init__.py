@@ -3,8 +3,9 @@
 * :mod:`attacks.gradient_inversion` - DLG, iDLG, Inverting Gradients;
 * :mod:`attacks.metrics`, :mod:`attacks.leakage`, :mod:`attacks.scoring` - pinned SSIM/PSNR, Hungarian
   matching, the leakage rate;
-* :mod:`attacks.transcript`, :mod:`attacks.keyless`, :mod:`attacks.fed_inversion` - the server's recorded
-  view of a real run, read as the server can read it;
+* :mod:`attacks.keyless`, :mod:`attacks.fed_inversion`, :mod:`attacks.split_inversion` - the server's recorded
+  view of a real run (read through :mod:`splitfl.runs`), read as the server can read it;
+* :mod:`attacks.config` - the attack config;
 * :mod:`attacks.harness` - ``splitfl attack``.
 
 Names are imported lazily (PEP 562), so ``splitfl --help`` does not load torchmetrics.

@@ -27,7 +27,9 @@ from torch import nn
 
 from attacks.gradient_inversion import METHODS, InversionResult, gradients_from_update
 from attacks.keyless import encrypted_update_readout
-from attacks.transcript import Transcript, TranscriptError
+from splitfl.fed.flat import FlatSpec
+from splitfl.fed.server import build_fed_model, vector_from_bytes
+from splitfl.runs.transcript import Transcript, TranscriptError
 
 
 @dataclass
@@ -46,8 +48,6 @@ class FedObservation:
 
 def build_attack_model(transcript: Transcript, num_outputs: int, n_channels: int) -> tuple[nn.Module, Any]:
     """The federation's architecture as every party builds it, and its flat spec."""
-    from splitfl.fed.flat import FlatSpec
-    from splitfl.fed.server import build_fed_model
 
     cfg = transcript.run_config()
     torch.manual_seed(cfg.seed)
@@ -57,7 +57,6 @@ def build_attack_model(transcript: Transcript, num_outputs: int, n_channels: int
 
 def fed_observations(transcript: Transcript, site_sizes: list[int]) -> list[FedObservation]:
     """Every recorded (round, site) upload, read as the server can read it."""
-    from splitfl.fed.server import vector_from_bytes
 
     cfg = transcript.config
     fed, train = cfg["fed"], cfg["train"]
@@ -102,7 +101,6 @@ def aggregate_observations(transcript: Transcript, site_sizes: list[int], rounds
     next global model. Inverting it is the curious fellow hospital's attack (and the server's, once the mean is
     decrypted); it is a batch of every sampled site's images, mixed with the sites' sample-count weights.
     """
-    from splitfl.fed.server import vector_from_bytes
 
     cfg = transcript.config
     fed, train = cfg["fed"], cfg["train"]

@@ -1,7 +1,7 @@
 """The curious fellow hospital in split learning: images of other hospitals from the relayed encoder.
 
 In sequential split learning (``split-plain`` and ``split-he`` with a trainable encoder) the
-hospitals hand the encoder on to each other after every step (:class:`splitfl.split.transcript.
+hospitals hand the encoder on to each other after every step (:class:`splitfl.transcript.
 RelayRecorder` records what each one receives). A hospital that receives the encoder subtracts the
 version it last sent on: the difference is ``-lr`` times the sum of the encoder gradients of the
 steps taken in between by the other hospitals (exactly one step with two hospitals, SGD without
@@ -31,7 +31,10 @@ import torch
 from torch import nn
 
 from attacks.gradient_inversion import cosine_gradient_loss, total_variation
-from attacks.transcript import Transcript, TranscriptError
+from attacks.reconstruction import Reconstruction
+from attacks.split_inversion import known_encoder
+from splitfl.runs.transcript import Transcript, TranscriptError
+from splitfl.tensors import tensor_from_bytes
 
 FELLOW_PREFIX = "fellow hospital: "
 VIEW_RELAY = FELLOW_PREFIX + "relayed encoder update"
@@ -52,7 +55,6 @@ class RelayObservation:
 
 def read_relay(folder: Path) -> tuple[torch.Tensor, list[dict[str, Any]], dict[int, torch.Tensor]]:
     """(initial weights, index rows in step order, weights sent on after each recorded step)."""
-    from splitfl.split.tensors import tensor_from_bytes
 
     index = folder / "index.jsonl"
     if not (folder / "initial.bin").is_file() or not index.is_file():
@@ -145,8 +147,6 @@ def invert_encoder_update(encoder: nn.Module, gradient: torch.Tensor, batch_size
 
 def attack_relay(run_dir: Path, settings: Any, data: Any, transcript: Transcript) -> list[Any]:
     """Reconstructions of the other hospitals' images from every recorded encoder hand-over."""
-    from attacks.harness import Reconstruction
-    from attacks.split_inversion import known_encoder
 
     initial, rows, weights = read_relay(run_dir / "relay")
     cfg = transcript.run_config()

@@ -1,6 +1,6 @@
 """``splitfl attack``: train each variant with the server's view recorded, attack that view, score it.
 
-An attack config is a compare config (:mod:`splitfl.compare`: shared run keys
+An attack config is a compare config (:mod:`splitfl.variants`: shared run keys
 plus ``variants``) with an ``attack`` section. Every variant is trained into
 ``<out>/<name>/run`` with its transcript on (reused when already finished),
 then the attack for its regime reads ``run/transcript`` (never the
@@ -15,63 +15,31 @@ import dataclasses
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
 
-from splitfl.compare import CompareConfig, CompareError, Variant, is_finished, plan
+import attacks.split_inversion as split_inversion
+from attacks.config import AttackConfig, AttackSettings
+from attacks.fed_inversion import aggregate_observations, build_attack_model, fed_observations, invert
+from attacks.fellow_inversion import FELLOW_PREFIX, attack_relay
+from attacks.leakage import MIN_DISTRACTORS, chance_summary
+from attacks.plots import plot_montage, plot_summary
+from attacks.reconstruction import Reconstruction
+from attacks.runtime import torch_threads
+from attacks.scoring import ScoredImage, curves, distractor_pool, label_accuracy, score_observation
+from attacks.split_inversion import label_leakage
+from splitfl.artifacts import write_csv, write_json, write_text
+from splitfl.data import load_splits, partition_dataset
+from splitfl.runs import is_finished
+from splitfl.runs.transcript import read_transcript
+from splitfl.train import run
+from splitfl.variants import CompareError, Variant, parse_only, plan, variants_parser
 
 SUMMARY_FILES = ("leakage_summary.md", "leakage_summary.csv", "leakage_summary.json", "leakage_summary.png")
-
-
-@dataclass
-class AttackSettings:
-    """The attacker's budget and the scoring rules."""
-
-    method: str = "ig"  # ig (Inverting Gradients), idlg or dlg
-    iterations: int = 1000
-    restarts: int = 1
-    lr: float = 0.1  # the attack optimiser's step (ig)
-    tv_weight: float = 1e-3
-    max_observations: int = 16  # (round, site) updates or batches attacked per variant
-    distractors: int = 200  # outside images in the re-identification pool (>= 100)
-    margin: float = 0.1  # leaked: re-identified and SSIM gain over the mean image >= margin
-    seed: int = 0
-    # split regimes: which activation inversions to run (white-box through the known encoder, a decoder trained
-    # on the attacker's auxiliary images, or both); iterations, lr and tv_weight set the white-box budget
-    split_attack: str = "both"
-    decoder_epochs: int = 30
-    decoder_lr: float = 1e-3
-    # split regimes with a trainable encoder: the curious fellow hospital inverts the relayed encoder's update
-    # (attacks.fellow_inversion); its budget, with lr and tv_weight above
-    fellow_iterations: int = 4000
-
-
-@dataclass
-class AttackConfig(CompareConfig):
-    attack: AttackSettings = field(default_factory=AttackSettings)
-
-
-@dataclass
-class Reconstruction:
-    """What one attack produced from one observed message, and which images (ground truth) were behind it."""
-
-    label: str  # e.g. "round 0 site 2"
-    view: str  # what the server held: "plaintext update", "ciphertexts read without the key", ...
-    site: int
-    indices: list[int]  # into the site's data (evaluation key)
-    images: torch.Tensor  # reconstructions, model input range
-    labels: torch.Tensor | None = None  # inferred labels, where the attack infers them
-    seconds: float = 0.0
-    # Images of several sites behind one message (the FedAvg aggregate): (site, index) pairs; site/indices unused.
-    sources: list[tuple[int, int]] | None = None
-
-    def originals(self) -> list[tuple[int, int]]:
-        """(site, index) of every image behind the observed message."""
-        return list(self.sources) if self.sources is not None else [(self.site, i) for i in self.indices]
 
 
 def with_transcript(run_cfg: Any, settings: AttackSettings) -> Any:
@@ -91,8 +59,6 @@ def with_transcript(run_cfg: Any, settings: AttackSettings) -> Any:
 
 def attack_fed(run_dir: Path, settings: AttackSettings, data: "SiteData") -> list[Reconstruction]:
     """Gradient inversion on every recorded site update (see :mod:`attacks.fed_inversion`)."""
-    from attacks.fed_inversion import aggregate_observations, build_attack_model, fed_observations, invert
-    from attacks.transcript import read_transcript
 
     transcript = read_transcript(run_dir / "transcript")
     sizes = [len(s) for s in data.sites]
@@ -123,12 +89,9 @@ def attack_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> l
     """The server's view: activation inversion (white-box and decoder) and, in split-he, head-update inversion
     (:mod:`attacks.split_inversion`); with a relayed (trainable) encoder, also the curious fellow hospital's
     view (:mod:`attacks.fellow_inversion`)."""
-    from attacks.fellow_inversion import attack_relay
-    from attacks.split_inversion import attack_split as run
-    from attacks.transcript import read_transcript
 
     transcript = read_transcript(run_dir / "transcript")  # every payload: read once for both views
-    recs = run(run_dir, settings, data, transcript)
+    recs = split_inversion.attack_split(run_dir, settings, data, transcript)
     if (run_dir / "relay").is_dir():
         recs += attack_relay(run_dir, settings, data, transcript)
     return recs
@@ -136,7 +99,6 @@ def attack_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> l
 
 def label_leakage_split(run_dir: Path, settings: AttackSettings, data: "SiteData") -> dict[str, Any] | None:
     """Li et al.'s norm and direction label attacks on the logit gradients the server received (ROC AUC)."""
-    from attacks.split_inversion import label_leakage
 
     return label_leakage(run_dir, settings, data)
 
@@ -171,8 +133,6 @@ class SiteData:
     def load(cls, run_cfg: Any, distractors: int) -> "SiteData":
         import torch
 
-        from attacks.leakage import MIN_DISTRACTORS
-        from splitfl.data import load_splits, partition_dataset
 
         if distractors < MIN_DISTRACTORS:
             raise CompareError(f"attack.distractors={distractors}: the re-identification pool needs at least {MIN_DISTRACTORS}")
@@ -203,8 +163,6 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     import numpy as np
     import torch
 
-    from attacks.leakage import chance_summary
-    from attacks.scoring import curves, distractor_pool, label_accuracy, score_observation
 
     rows, pairs, label_acc = [], [], []
     pairs_by_view: dict[str, list[Any]] = {}
@@ -243,7 +201,6 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
         "label_accuracy": float(np.mean(label_acc)) if label_acc else None,
         "attack_seconds": float(sum(r.seconds for r in recs)),
     }
-    from attacks.scoring import ScoredImage
 
     summary.update(curves([ScoredImage(**{k: r[k] for k in ScoredImage.__dataclass_fields__}) for r in rows]))
     by_view = {}
@@ -264,7 +221,6 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     # The headline is the strongest attack's view: a privacy officer needs the worst case, not an average
     # over attacks that includes the ones that failed. Every view stays in by_view. The server and a fellow
     # hospital are separate threat models: the headline is the server's, the fellow hospital's worst is beside it.
-    from attacks.fellow_inversion import FELLOW_PREFIX
 
     def strongest(views: list[str]) -> str:
         return max(views, key=lambda v: (by_view[v]["leakage_rate"], by_view[v]["ssim_mean"] or -1.0))
@@ -288,9 +244,6 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
 def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = None,
                 log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     """Train (or reuse), attack and score every selected variant; write the per-variant and summary files."""
-    from attacks.plots import plot_montage, plot_summary
-    from splitfl.artifacts import write_csv, write_json, write_text
-    from splitfl.train import run
 
     out = Path(out)
     settings = cfg.attack
@@ -313,7 +266,6 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
         data = SiteData.load(run_cfg, settings.distractors)
         how = (f"split_attack {settings.split_attack}" if variant.regime.startswith("split") else settings.method)
         log(f"{head}: attacking the recorded server view ({how}, {settings.iterations} iterations)")
-        from attacks.runtime import torch_threads
 
         with torch_threads(1):  # thousands of tiny double-backward passes: extra threads only contend
             recs = ATTACKS[variant.regime](run_dir, settings, data)
@@ -440,8 +392,6 @@ __all__ = ["ATTACKS", "AttackConfig", "AttackSettings", "Reconstruction", "SiteD
 
 
 def build_attack_parser() -> Any:
-    from splitfl.compare import variants_parser
-
     return variants_parser(
         AttackConfig,
         "Train each variant with the server's view recorded (reused when finished), run the attacks for its "
@@ -452,7 +402,5 @@ def build_attack_parser() -> Any:
 
 
 def cmd_attack(ns: Any) -> None:
-    from splitfl.compare import parse_only
-
     cfg = AttackConfig(**{f.name: ns[f.name] for f in dataclasses.fields(AttackConfig)})
     run_attacks(cfg, ns.out, only=parse_only(ns))

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from splitfl.he.aggregation import load_update
+from splitfl.he.keys import engine_for, load_public_context
+
 
 def ciphertext_readout(ct: object, modulus: int) -> np.ndarray:
     """c0 of one SEAL ciphertext (its first RNS prime), centred mod ``modulus`` and divided by its scale."""
@@ -31,8 +34,6 @@ def encrypted_update_readout(payload: bytes, public_context: bytes, length: int)
     does (:func:`splitfl.he.aggregation.load_update`), with the public context
     the server holds.
     """
-    from splitfl.he.aggregation import load_update
-    from splitfl.he.keys import engine_for, load_public_context
 
     ctx = load_public_context(public_context)
     info, cts = load_update(ctx, payload, length)

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from attacks.metrics import to_unit
+from splitfl.artifacts import save_figure
 
 
 def _show(ax: Any, image: torch.Tensor) -> None:
@@ -27,7 +28,6 @@ def plot_montage(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, str]], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitfl.artifacts import save_figure
 
     items = [(o, r, label) for originals, paired, label in pairs for o, r in zip(originals, paired)][:max_images]
     n = max(len(items), 1)
@@ -55,7 +55,6 @@ def plot_summary(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from splitfl.artifacts import save_figure
 
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 3.8))
     names = [r["variant"] for r in results]

@@ -32,6 +32,7 @@ from attacks.leakage import leak_flags
 from attacks.metrics import match_reconstructions, psnr, ssim
 from attacks.models import lenet_dlg
 from attacks.runtime import torch_threads
+from splitfl.data.medmnist_files import load_medmnist
 
 BATCH_SIZES = (1, 2, 4, 8)
 NOISE_LEVELS = (0.0, 1e-3, 1e-2, 1e-1)
@@ -40,7 +41,6 @@ SHAPE = (1, 28, 28)
 
 def _load(root: str | None, n_distractors: int) -> dict[str, torch.Tensor]:
     """Test images to attack, train images as distractors, the train-set mean image; all in [-1, 1]."""
-    from splitfl.data.medmnist_files import load_medmnist
 
     splits = load_medmnist("pneumoniamnist", root)
     test, train = splits.test, splits.train

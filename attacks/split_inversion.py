@@ -46,7 +46,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attacks.transcript import Transcript, TranscriptError
+from attacks.keyless import ciphertext_slots_readout, zero_key_decryptor
+from attacks.reconstruction import Reconstruction
+from splitfl.he.encrypted_head import FullHeadLayout
+from splitfl.he.keys import engine_for, load_public_context
+from splitfl.he.wire import EncryptedBatch
+from splitfl.models import build_split_model
+from splitfl.runs.transcript import Transcript, TranscriptError, read_transcript
+from splitfl.split.full_server import unpack_ciphertexts
+from splitfl.tensors import tensor_from_bytes
 
 WHITEBOX, DECODER = "white-box inversion", "decoder"
 VIEW_PLAIN = "activations (plaintext)"
@@ -61,7 +69,6 @@ LOGITS_KEYLESS = "logit-gradient ciphertexts read without the key"
 
 def known_encoder(cfg: Any, num_outputs: int, n_channels: int) -> tuple[nn.Module, tuple[int, ...]]:
     """The encoder as the hospitals built it (same config and seed: public initial or pretrained weights), eval mode."""
-    from splitfl.models import build_split_model
 
     torch.manual_seed(cfg.seed)  # splitfl.train.run_split seeds everything right before SplitRunner builds the model
     model, _ = build_split_model(cfg.model, num_outputs, n_channels, cfg.data.size)
@@ -90,37 +97,27 @@ class KeylessReader:
     """Reads split-he messages as the server can: the public context, a zero secret key, the packing layout."""
 
     def __init__(self, public_context: bytes) -> None:
-        from attacks.keyless import zero_key_decryptor
-        from splitfl.he.keys import engine_for, load_public_context
-
         self.ctx = load_public_context(public_context)
         self.engine = engine_for(self.ctx)
         self.decryptor = zero_key_decryptor(self.engine)
 
     def _slots(self, enc: Any, what: str) -> np.ndarray:
-        from attacks.keyless import ciphertext_slots_readout
-
         cts = [self.engine.load_ciphertext(p, f"{what} ciphertext #{i}") for i, p in enumerate(enc.payloads)]
         return np.stack([ciphertext_slots_readout(ct, self.engine, self.decryptor) for ct in cts])
 
     def activations(self, payload: bytes) -> torch.Tensor:
         """(batch, in_features): every slot put back where the hospital's packing put that (sample, feature)."""
-        from splitfl.he.wire import EncryptedBatch
 
         enc = EncryptedBatch.from_bytes(self.ctx, payload, expect_kind="activations")
         return torch.from_numpy(enc.layout.unpack_activation_grads(self._slots(enc, "activation"), enc.batch)).float()
 
     def full_layout(self, meta: dict[str, Any]) -> Any:
         """split-he-full's public slot layout (the head's shape and batch capacity are in the run's config)."""
-        from splitfl.he.encrypted_head import FullHeadLayout
 
         return FullHeadLayout(int(meta["in_features"]), int(meta["num_classes"]), int(meta["batch_size"]),
                               self.engine.slots)
 
     def _full_slots(self, payload: bytes, count: int, what: str) -> np.ndarray:
-        from attacks.keyless import ciphertext_slots_readout
-        from splitfl.split.full_server import unpack_ciphertexts
-
         cts = [self.engine.load_ciphertext(c, f"{what} ciphertext #{i}")
                for i, c in enumerate(unpack_ciphertexts(payload, count, what))]
         return np.stack([np.real(ciphertext_slots_readout(ct, self.engine, self.decryptor)) for ct in cts])
@@ -140,7 +137,6 @@ class KeylessReader:
 
     def logit_grads(self, payload: bytes) -> torch.Tensor:
         """(batch, num_classes): the first feature position of each class's tiled ciphertext."""
-        from splitfl.he.wire import EncryptedBatch
 
         enc = EncryptedBatch.from_bytes(self.ctx, payload, expect_kind="logit_grads")
         slots = self._slots(enc, "logit-gradient")
@@ -262,9 +258,6 @@ def attack_split(run_dir: Any, settings: Any, data: Any, transcript: Optional[Tr
 
     ``transcript``: the run's transcript when the caller has read it already (it holds every payload).
     """
-    from attacks.harness import Reconstruction
-    from attacks.transcript import read_transcript
-    from splitfl.split.tensors import tensor_from_bytes
 
     transcript = transcript if transcript is not None else read_transcript(run_dir / "transcript")
     cfg = transcript.run_config()
@@ -371,8 +364,6 @@ def label_attack_scores(grads: torch.Tensor, reference: int) -> tuple[np.ndarray
 
 def label_leakage(run_dir: Any, settings: Any, data: Any) -> Optional[dict[str, Any]]:
     """ROC AUCs of the label attacks on every recorded step's logit gradients (and split-he head updates)."""
-    from attacks.transcript import read_transcript
-    from splitfl.split.tensors import tensor_from_bytes
 
     if getattr(data.task, "multilabel", False):
         return None

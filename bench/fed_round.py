@@ -1,4 +1,4 @@
-"""Benchmark one FedAvg aggregation round, plaintext vs CKKS-encrypted (see splitfl.he.aggregation_benchmark).
+"""Benchmark one FedAvg aggregation round, plaintext vs CKKS-encrypted (see splitfl.bench.fed_round).
 
     python bench/fed_round.py [--sites 4] [--model resnet18] [--repeats 3] [--partial layer4.+fc. fc.] [--json FILE]
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from splitfl.he.aggregation_benchmark import main
+from splitfl.bench.fed_round import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Benchmark the encrypted linear head of split-he (see splitfl.he.benchmark).
+"""Benchmark the encrypted linear head of split-he (see splitfl.bench.he_head).
 
     python bench/he_head.py [--json FILE] [--batch 64 --dim 512 --classes 5] [--preset default]
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from splitfl.he.benchmark import main  # noqa: E402
+from splitfl.bench.he_head import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Benchmark one split-he epoch against one split-plain epoch (see splitfl.split.benchmark).
+"""Benchmark one split-he epoch against one split-plain epoch (see splitfl.bench.split_epoch).
 
     python bench/split_epoch.py [--size 64] [--n-train 1024] [--repeats 2] [--json FILE]
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from splitfl.split.benchmark import main  # noqa: E402
+from splitfl.bench.split_epoch import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

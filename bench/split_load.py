@@ -1,4 +1,4 @@
-"""How many concurrent hospitals one split-he server holds (see splitfl.net.load_benchmark).
+"""How many concurrent hospitals one split-he server holds (see splitfl.bench.split_load).
 
     python bench/split_load.py [--hospitals 1 2 4 8 16] [--rounds 10] [--epochs 2] [--json FILE]
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from splitfl.net.load_benchmark import main  # noqa: E402
+from splitfl.bench.split_load import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,7 @@ from torch import nn
 
 from interpret.attributions import METHODS, attribute, ig_completeness_gap
 from splitfl.data.base import TaskInfo
+from splitfl.metrics import TaskMetrics
 
 __all__ = [
     "CONTRAST_DEFINITION",
@@ -264,7 +265,6 @@ def grading_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, tas
     # (report.cohort_metrics defers it the same way)
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    from splitfl.metrics import TaskMetrics
 
     if task.task_type != "ordinal":
         raise ValueError(f"grading_metrics: task {task.name!r} is {task.task_type}, not ordinal.")

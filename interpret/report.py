@@ -28,7 +28,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from interpret.attributions import METHODS
+import splitfl
+from interpret import faithfulness as F
+from interpret.agreement import compare_maps
+from interpret.attributions import METHODS, attribute_all
+from interpret.images import load_report_images
 from interpret.ordinal import (
     CONTRAST_DEFINITION,
     DEFAULT_ORDINAL_METHODS,
@@ -42,6 +46,18 @@ from interpret.ordinal import (
     grading_metrics,
     map_summaries,
 )
+from interpret.render import (
+    colorbar_uri,
+    diverging_colorbar_uri,
+    heat_rgb,
+    image_rgb,
+    overlay_rgb,
+    png_data_uri,
+    render_html,
+    signed_overlay_rgb,
+)
+from splitfl.artifacts import write_json, write_text
+from splitfl.runs.model import load_run
 
 SATURATED_AUC = 0.98  # random-map deletion AUC above this: the target probability barely moves, no verdict
 RANDOMISATION_LIMIT = 0.5  # mean |rank correlation| with the randomised model's maps above this: the map ignores the weights
@@ -135,7 +151,6 @@ def trust_checks(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, 
     ``prob_fn`` maps the model's outputs to the score the deletion/insertion curves follow (default: the
     task's probability of ``target``); the ordinal contrast uses E[g] / (K - 1), a score in [0, 1].
     """
-    from interpret import faithfulness as F
 
     out: dict[str, dict[str, Any]] = {}
     for method, m in maps.items():
@@ -201,9 +216,6 @@ def trust_rows(checks: dict[str, dict[str, Any]], target: Optional[str] = None) 
 def agreement_rows(run: Any, x: torch.Tensor, target: torch.Tensor, maps: dict[str, torch.Tensor],
                    opts: ReportOptions, log: Callable[[str], Any]) -> list[dict[str, Any]]:
     """This model vs each --compare run, and --compare[0] vs its --seed-twin (the seed-to-seed yardstick)."""
-    from interpret.agreement import compare_maps
-    from interpret.attributions import attribute_all
-    from interpret.model_loading import load_run
 
     def maps_of(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
         other = load_run(folder)
@@ -294,8 +306,6 @@ ORDINAL_CAVEATS = [
 
 def _image_cards(run: Any, imgs: Any, probs: torch.Tensor, target: torch.Tensor, maps: dict[str, torch.Tensor],
                  checks: dict[str, dict[str, Any]], grades: Optional[GradeExplanation] = None) -> list[dict[str, Any]]:
-    from interpret.render import overlay_rgb, image_rgb, png_data_uri
-
     names = _display_names(run, grades)
     cards = []
     for i in range(len(imgs)):
@@ -332,8 +342,6 @@ def _display_names(run: Any, grades: Optional[GradeExplanation]) -> list[str]:
 
 def _cohort(run: Any, imgs: Any, probs: torch.Tensor, target: torch.Tensor, maps: dict[str, torch.Tensor],
             metrics: dict[str, float], grades: Optional[GradeExplanation] = None) -> dict[str, Any]:
-    from interpret.render import heat_rgb, png_data_uri
-
     names = _display_names(run, grades)
     multilabel = run.task.task_type == "multilabel"
     per_class = []
@@ -444,7 +452,6 @@ def _ordinal_numbers(run: Any, imgs: Any, probs: torch.Tensor, target: torch.Ten
 def _ordinal_card(i: int, x: torch.Tensor, probs: torch.Tensor, target: torch.Tensor, true: Optional[int],
                   g: GradeExplanation) -> dict[str, Any]:
     """One image's grading view: the grade line, the probability strip with E[g], and per-grade + contrast maps."""
-    from interpret.render import overlay_rgb, png_data_uri, signed_overlay_rgb
 
     n = len(g.words)
     pred = int(target[i])
@@ -524,12 +531,6 @@ def build_report(run_dir: str | Path, images: str | Path, out: str | Path, opts:
     """Write ``out`` (HTML) and ``out`` with ``.json`` (every number); return the JSON's content."""
     import captum
 
-    import splitfl
-    from interpret.attributions import attribute_all
-    from interpret.images import load_report_images
-    from interpret.model_loading import load_run
-    from interpret.render import colorbar_uri, diverging_colorbar_uri, render_html
-    from splitfl.artifacts import write_json, write_text
 
     opts = opts or ReportOptions()
     out = Path(out)

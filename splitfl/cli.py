@@ -6,45 +6,34 @@ a user can fix are printed as one clear line, not a traceback.
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import sys
 from typing import Callable, Optional
 
-from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 from attacks.harness import build_attack_parser, cmd_attack
-from interpret.report import build_report_parser, cmd_report
+from interpret.images import ImageInputError
+from interpret.report import ReportError, build_report_parser, cmd_report
 from splitfl.compare import CompareError, build_compare_parser, cmd_compare
-from splitfl.config import RunConfig
-from splitfl.pretrain.config import build_pretrain_parser, config_from_namespace
+from splitfl.config import instantiate, run_config_from_namespace, run_config_parser
+from splitfl.data import load_splits, partition_dataset, summary_table
+from splitfl.data.base import DataError
+from splitfl.engine import RunError, exit_on_user_error
+from splitfl.models import ModelError
+from splitfl.net.certs import PkiError
+from splitfl.net.certs import cmd_certs as make_certs
+from splitfl.net.launch import join, make_consortium_keys, serve, simulate
+from splitfl.pretrain.config import PretrainError, build_pretrain_parser, config_from_namespace
+from splitfl.pretrain.runner import run as pretrain
+from splitfl.runs.model import RunLoadError
+from splitfl.train import build_train_parser, cmd_train
 
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from splitfl.data.base import DataError
-    from splitfl.models import ModelError
-    from splitfl.train import RunError
-
-    from interpret.images import ImageInputError
-    from interpret.model_loading import RunLoadError
-    from interpret.report import ReportError
-    from splitfl.net.certs import PkiError
-    from splitfl.pretrain.config import PretrainError
-
-    return (DataError, ModelError, RunError, CompareError, PkiError, FileNotFoundError, ReportError, RunLoadError,
-            ImageInputError, PretrainError)
-
-
-def _run_parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, exit_on_error=True)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below")
-    parser.add_class_arguments(RunConfig)
-    return parser
-
-
-def to_run_config(ns: Namespace) -> RunConfig:
-    """The parsed namespace (already holding dataclass instances) as one RunConfig."""
-    return RunConfig(**{f.name: ns[f.name] for f in dataclasses.fields(RunConfig)})
+# Errors a user can fix: printed as one line, not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    DataError, ModelError, RunError, CompareError, PkiError, FileNotFoundError, ReportError, RunLoadError,
+    ImageInputError, PretrainError,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -55,9 +44,7 @@ def build_parser() -> ArgumentParser:
     )
     sub = parser.add_subcommands(dest="command")
 
-    train = _run_parser("Train a model (regimes: centralized, local, split-plain, split-he, fedavg, fedprox) and write metrics.json, history.csv, checkpoints, plots.")
-    train.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
-    sub.add_subcommand("train", train, help="train a model")
+    sub.add_subcommand("train", build_train_parser(), help="train a model")
     sub.add_subcommand("compare", build_compare_parser(), help="run several regimes on one task and tabulate them")
     sub.add_subcommand("attack", build_attack_parser(), help="measure what a curious server can reconstruct in each regime")
     sub.add_subcommand("report", build_report_parser(), help="explain a trained model's predictions in an HTML report")
@@ -65,42 +52,54 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("pretrain", build_pretrain_parser(), help="self-supervised pretraining of an encoder (MAE, SimCLR)")
 
     certs = ArgumentParser(description="Make a development CA, a server certificate, one client certificate and token per site.")
-    certs.add_argument("--out", type=str, required=True, help="folder for the PKI (ca/, server/, sites/<name>/)")
+    certs.add_argument("--out", type=str, required=True, help="folder for the PKI: ca/ (keep offline), server/ (all the server needs: give it only this folder), "
+                       "sites/<name>/ (all one hospital needs: give each only its own)")
     certs.add_argument("--sites", type=Optional[int], default=None, help="number of sites (named site-0, site-1, ...)")
     certs.add_argument("--names", type=Optional[list[str]], default=None, help="explicit site names instead of --sites")
     certs.add_argument("--overwrite", type=bool, default=False, help="replace an existing PKI in --out")
     sub.add_subcommand("certs", certs, help="make development certificates and site tokens for mutual TLS")
 
-    serve = _run_parser("Run the coordinating server of a federation (fedavg/fedprox; split-* via splitfl.net.split_remote) over gRPC with mutual TLS; writes the same artefacts as `splitfl train`, and resumes from --out.")
+    serve = run_config_parser("Run the coordinating server of a federation (fedavg/fedprox; split-* via splitfl.net.split_remote) over gRPC with mutual TLS; writes the same artefacts as `splitfl train`, and resumes from --out.")
     serve.add_argument("--out", type=str, required=True, help="output folder (checkpoint.pt, metrics.json, ...); rerun with the same folder to resume")
-    serve.add_argument("--pki", type=str, required=True, help="PKI folder from `splitfl certs` (server certificate, site token hashes)")
+    serve.add_argument("--pki", type=str, required=True,
+                       help="the server's own folder from `splitfl certs --out DIR`: DIR/server (ca.crt, server.crt, server.key, "
+                            "tokens.json; under fed.secure he also consortium.public from `splitfl keys`). Refused if it holds "
+                            "a secret the server must not have (the CA key, a consortium secret, a site's key or token)")
     serve.add_argument("--address", type=str, default="127.0.0.1:50051", help="host:port to listen on (port 0: any free port, written to OUT/server.json)")
     serve.add_argument("--insecure", action=ActionYesNo, default=False, help="plaintext gRPC without TLS (development only; prints a warning)")
     serve.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round waits for the sampled sites' updates before dropping the late ones")
     serve.add_argument("--phase-timeout", type=Optional[float], default=None,
                        help="fed.secure masks: seconds each secure-aggregation step after the key advertisement waits for the "
                             "sites (default: --round-timeout); a site that dies mid-round holds the round up this long")
-    serve.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for every site to join before the first round")
+    serve.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for every site to join before the first round (split: epoch) this server runs; a site "
+                            "that has not joined by then stops the server with an error naming it (raise this if sites start slowly)")
     serve.add_argument("--run-id", type=Optional[str], default=None, help="run id the sites must present (default: regime + config fingerprint)")
-    serve.add_argument("--public-context", type=Optional[str], default=None, help="fed.secure he: the consortium's PUBLIC context (default PKI/server/consortium.public)")
+    serve.add_argument("--public-context", type=Optional[str], default=None, help="fed.secure he: the consortium's PUBLIC context (default: consortium.public in --pki)")
     sub.add_subcommand("serve", serve, help="run a federation server over gRPC")
 
-    join = _run_parser("Run one hospital of a federation: join the server, train locally when sampled, submit updates.")
+    join = run_config_parser("Run one hospital of a federation: join the server, train locally when sampled, submit updates.")
     join.add_argument("--site", type=int, required=True, help="this hospital's index (certificate site-N)")
     join.add_argument("--server", type=str, required=True, help="server host:port")
-    join.add_argument("--pki", type=str, required=True, help="PKI folder (or this site's sites/site-N folder) with ca.crt, client.crt, client.key, token")
+    join.add_argument("--pki", type=str, required=True,
+                      help="this hospital's own folder from `splitfl certs --out DIR`: DIR/sites/site-N (ca.crt, client.crt, "
+                           "client.key, token and, from `splitfl keys`, consortium.secret or relay.secret); the whole DIR also works in development")
     join.add_argument("--out", type=str, required=True, help="this hospital's folder (its DP accountant and top-k state)")
     join.add_argument("--insecure", action=ActionYesNo, default=False, help="plaintext gRPC without TLS (development only; prints a warning)")
     join.add_argument("--run-id", type=Optional[str], default=None, help="the server's run id (default: regime + config fingerprint)")
-    join.add_argument("--keys", type=Optional[str], default=None, help="fed.secure he: the consortium's secret context (default PKI/consortium.secret)")
+    join.add_argument("--keys", type=Optional[str], default=None, help="the consortium's secret key file (default: consortium.secret, or relay.secret in split-plain, in --pki)")
     join.add_argument("--connect-timeout", type=float, default=120.0, help="seconds to keep retrying while the server is unreachable")
     sub.add_subcommand("join", join, help="run one hospital of a federation over gRPC")
 
-    keys = _run_parser("Make the consortium's CKKS keys for fed.secure he: PKI/consortium.secret for the hospitals (never the server) and PKI/server/consortium.public for the server.")
-    keys.add_argument("--pki", type=str, required=True, help="PKI folder from `splitfl certs`")
+    keys = run_config_parser("Make the keys the configured regime needs, in each party's folder of a `splitfl certs` PKI: the "
+                             "hospitals' shared secret PKI/consortium.secret (CKKS secret context of fed.he_preset for fedavg/fedprox "
+                             "with fed.secure he, of split.he_preset for split-he, of the `full` preset for split-he-full; "
+                             "relay.secret for split-plain with a trainable encoder) with a copy in every PKI/sites/<site>/ folder, "
+                             "never the server's; under fed.secure he also the server's PUBLIC context PKI/server/consortium.public. "
+                             "Made once and reused; refused for a regime that needs none.")
+    keys.add_argument("--pki", type=str, required=True, help="the whole PKI folder from `splitfl certs` (not a party's folder)")
     sub.add_subcommand("keys", keys, help="make the consortium's HE keys (secret for the sites, public for the server)")
 
-    simulate = _run_parser("Run a federation as real local processes: a dev PKI under OUT/pki, the server and one process per hospital on 127.0.0.1, logs under OUT/logs.")
+    simulate = run_config_parser("Run a federation as real local processes: a dev PKI under OUT/pki, the server and one process per hospital on 127.0.0.1, logs under OUT/logs.")
     simulate.add_argument("--out", type=str, required=True, help="folder for pki/, server/, sites/, logs/")
     simulate.add_argument("--sites", type=Optional[int], default=None, help="number of hospitals (default data.partition.num_sites)")
     simulate.add_argument("--insecure", action=ActionYesNo, default=False, help="plaintext gRPC without TLS (development only; prints a warning)")
@@ -110,63 +109,50 @@ def build_parser() -> ArgumentParser:
     data = ArgumentParser(description="Inspect datasets and site partitions.")
     sub.add_subcommand("data", data, help="inspect data and partitions")
     data_sub = data.add_subcommands(dest="action")
-    summary = _run_parser("Print the task, split sizes and per-site class counts of the configured data.")
+    summary = run_config_parser("Print the task, split sizes and per-site class counts of the configured data.")
     data_sub.add_subcommand("summary", summary, help="per-site class counts")
     return parser
 
 
-def cmd_train(ns: Namespace) -> None:
-    from splitfl.train import run
-
-    run(to_run_config(ns), ns.out)
-
-
 def cmd_pretrain(ns: Namespace) -> None:
-    from splitfl.pretrain.runner import run as pretrain  # lazy: torch, timm and Fabric, kept out of `splitfl --help`
-
     pretrain(config_from_namespace(ns), ns.out)
 
 
 def cmd_serve(ns: Namespace) -> None:
-    from splitfl.net.launch import serve
-
-    serve(to_run_config(ns), ns.out, ns.pki, ns.address, ns.insecure, round_timeout=ns.round_timeout,
+    serve(run_config_from_namespace(ns), ns.out, ns.pki, ns.address, ns.insecure, round_timeout=ns.round_timeout,
           join_timeout=ns.join_timeout, run_id=ns.run_id, public_context=ns.public_context, phase_timeout=ns.phase_timeout)
 
 
 def cmd_join(ns: Namespace) -> None:
-    from splitfl.net.launch import join
-
-    join(to_run_config(ns), ns.site, ns.server, ns.pki, ns.out, ns.insecure, run_id=ns.run_id, keys=ns["keys"],
+    join(run_config_from_namespace(ns), ns.site, ns.server, ns.pki, ns.out, ns.insecure, run_id=ns.run_id, keys=ns["keys"],
          connect_timeout=ns.connect_timeout)
 
 
 def cmd_keys(ns: Namespace) -> None:
-    from splitfl.net.launch import make_consortium_keys
-
-    cfg = to_run_config(ns)
-    secret, public = make_consortium_keys(ns.pki, cfg.fed.he_preset)
-    print(f"hospitals' secret context: {secret}  (copy to each hospital only; never to the server)")
-    print(f"server's public context:   {public}")
+    cfg = run_config_from_namespace(ns)
+    made = make_consortium_keys(ns.pki, cfg)
+    kind = (f"CKKS secret context, preset {made.preset} ({made.what})" if made.preset else
+            "relay sealing key; split-plain uses no HE keys")
+    print(f"{cfg.regime}: hospitals' shared key {made.key_file}  ({kind}; never give it to the server)")
+    for copy in made.site_copies:
+        print(f"  copy in {copy.parent.name}'s folder: {copy}")
+    if made.public is not None:
+        print(f"server's public context {made.public}  (in the server's folder)")
+    elif made.preset:
+        print("server: nothing to add: the split server receives the public context from a hospital at run time")
 
 
 def cmd_simulate(ns: Namespace) -> None:
-    from splitfl.net.launch import simulate
-
-    metrics = simulate(to_run_config(ns), ns.out, ns.sites, ns.insecure, round_timeout=ns.round_timeout)
+    metrics = simulate(run_config_from_namespace(ns), ns.out, ns.sites, ns.insecure, round_timeout=ns.round_timeout)
     print(f"simulate: test macro AUROC {metrics['test']['auroc_macro']:.4f}; server results in {ns.out}/server/metrics.json")
 
 
 def cmd_certs(ns: Namespace) -> None:
-    from splitfl.net.certs import cmd_certs as make_certs
-
     make_certs(ns.out, ns.sites, ns.names, ns.overwrite)
 
 
 def cmd_data_summary(ns: Namespace) -> None:
-    from splitfl.data import load_splits, partition_dataset, summary_table
-
-    cfg = to_run_config(ns)
+    cfg = run_config_from_namespace(ns)
     splits = load_splits(cfg.data)
     task = splits.task
     print(f"task: {task.name} ({task.task_type}), labels: {', '.join(task.label_names)}, channels: {task.n_channels}")
@@ -197,17 +183,15 @@ COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
 
 
 BENCHMARKS: dict[str, str] = {
-    "he-head": "splitfl.he.benchmark",  # encrypted linear head vs plaintext and per-sample ciphertexts
-    "split-epoch": "splitfl.split.benchmark",  # split-he epoch vs split-plain epoch, end to end
-    "fed-round": "splitfl.he.aggregation_benchmark",  # one FedAvg round: plaintext vs CKKS-encrypted aggregation
-    "split-load": "splitfl.net.load_benchmark",  # concurrent hospitals one split-he server holds (real processes)
+    "he-head": "splitfl.bench.he_head",  # encrypted linear head vs plaintext and per-sample ciphertexts
+    "split-epoch": "splitfl.bench.split_epoch",  # split-he epoch vs split-plain epoch, end to end
+    "fed-round": "splitfl.bench.fed_round",  # one FedAvg round: plaintext vs CKKS-encrypted aggregation
+    "split-load": "splitfl.bench.split_load",  # concurrent hospitals one split-he server holds (real processes)
 }
 
 
 def cmd_bench(args: list[str]) -> None:
     """``splitfl bench NAME [ARGS]``: the benchmarks in bench/, each with its own --help."""
-    import importlib
-
     if not args or args[0] not in BENCHMARKS:
         names = ", ".join(BENCHMARKS)
         print(f"usage: splitfl bench {{{names}}} [--help] [ARGS]", file=sys.stderr)
@@ -222,20 +206,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     parser = build_parser()
     ns = parser.parse_args(argv)
-    ns = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
+    ns = instantiate(parser, ns)
     key: tuple[str, ...] = (ns.command,)
     sub_ns = ns[ns.command]
     if ns.command == "data":
         key = ("data", sub_ns.action)
         sub_ns = sub_ns[sub_ns.action]
-    try:
+    with exit_on_user_error(f"splitfl {' '.join(key)}", USER_ERRORS):
         COMMANDS[key](sub_ns)
-    except _user_errors() as exc:
-        print(f"splitfl {' '.join(key)}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

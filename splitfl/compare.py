@@ -9,7 +9,7 @@ regime and optional dotted-key overrides of the base::
       - {name: centralized, regime: centralized}
       - {name: fedavg+dp, regime: fedavg, overrides: {fed.dp_target_epsilon: 8.0}}
 
-Every variant trains into ``<out>/<name>/`` with :func:`splitfl.train.run`, so
+Every variant (planned by :mod:`splitfl.variants`) trains into ``<out>/<name>/`` with :func:`splitfl.train.run`, so
 each is resumable on its own; a variant whose ``metrics.json`` exists and whose
 saved ``config.yaml`` equals its config is reused, not retrained. The table
 (``comparison.md``/``.csv``/``.json``) and figure (``comparison.png``) list,
@@ -21,305 +21,32 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import json
 import math
-import re
-import typing
-from argparse import ArgumentError
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
-from splitfl.config import (
-    DataConfig,
-    with_defaults,
-    FedConfig,
-    ModelConfig,
-    RunConfig,
-    SplitConfig,
-    TrainConfig,
+from splitfl.artifacts import write_csv, write_json, write_text
+from splitfl.engine import RunError
+from splitfl.plots import plot_comparison
+from splitfl.pretrain.runner import pretrain_from_file
+from splitfl.runs import is_finished
+from splitfl.train import run
+from splitfl.units import format_bytes
+from splitfl.variants import (
+    Cell,
+    CompareConfig,
+    CompareError,
+    PublishedResult,
+    Variant,
+    parse_only,
+    plan_cells,
+    pretrain_dir,
+    variants_parser,
 )
-
-# The regimes a variant can name: exactly those RunConfig.regime accepts.
-Regime = typing.get_type_hints(RunConfig)["regime"]
-
-OUTPUT_FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,99}")
-_DISPLAY_ONLY = {"train": ("progress",)}  # keys that may differ between a finished run and its variant
-
-
-class CompareError(ValueError):
-    """The compare config or the command line cannot be used as given; the message says why."""
-
-
-@dataclass
-class Variant:
-    """One row of the comparison: a regime and the keys it changes in the shared base config."""
-
-    name: str  # also the folder <out>/<name>
-    regime: Regime
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys of the run config, e.g. fed.secure: he
-
-
-def default_variants() -> list[Variant]:
-    """Every regime once, plus FedAvg with DP-SGD and with encrypted aggregation."""
-    return [
-        Variant("centralized", "centralized"),
-        Variant("local", "local"),
-        Variant("fedavg", "fedavg"),
-        Variant("fedavg+dp", "fedavg", {"fed.dp_target_epsilon": 8.0}),
-        Variant("fedavg+he", "fedavg", {"fed.secure": "he"}),
-        Variant("split-plain", "split-plain"),
-        Variant("split-he", "split-he"),
-    ]
-
-
-@dataclass
-class Encoder:
-    """One encoder every variant is run with: overrides of the base model, optionally pretrained first.
-
-    With ``pretrain`` (a ``splitfl pretrain`` config file), the comparison first pretrains it into
-    ``<out>/pretrain/<name>/`` (resumable, reused when finished) and sets ``model.pretrained`` to its
-    ``encoder.pt``, so one command runs the whole foundation-model comparison.
-    """
-
-    name: str  # also the folder <out>/<name>
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted run config keys, e.g. model.freeze_encoder: true
-    pretrain: Optional[str] = None
-    # where to pretrain (default <out>/pretrain/<name>); a folder shared by several comparisons pretrains once
-    pretrain_out: Optional[str] = None
-
-
-@dataclass
-class PublishedResult:
-    """A published figure the table is set beside (e.g. FOCAL's gain over single institutions)."""
-
-    source: str  # e.g. "FOCAL (Bian et al., medRxiv 2026)"
-    task: str  # what it was measured on, e.g. "DR severity grading"
-    auroc: Optional[float] = None  # the collaborative model's macro AUROC
-    gain_percent: Optional[float] = None  # its gain over single-institution models, as the paper states it
-
-
-@dataclass
-class CompareConfig:
-    """A run config shared by every variant (all keys but ``regime``), the variants, and optionally encoders.
-
-    Without ``encoders`` each variant trains into ``<out>/<variant>/``; with them every variant runs once per
-    encoder, into ``<out>/<encoder>/<variant>/``.
-    """
-
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    fed: FedConfig = field(default_factory=FedConfig)
-    variants: list[Variant] = field(default_factory=default_variants)
-    encoders: list[Encoder] = field(default_factory=list)
-    published: list[PublishedResult] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- variants -> run configs
-
-
-def _leaf_keys(cls: Any = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of a config dataclass, sections included (``fed``, ``fed.secure``, ...)."""
-    keys = []
-    for name, sub in typing.get_type_hints(cls).items():
-        if cls is RunConfig and name == "regime":
-            continue
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(sub):
-            keys += _leaf_keys(sub, f"{prefix}{name}.")
-    return keys
-
-
-def _apply_override(tree: dict[str, Any], key: str, value: Any, variant: str) -> None:
-    """Set one dotted ``key`` in the config dict ``tree``, checking it names a RunConfig key."""
-    if key == "regime":
-        raise CompareError(f"variant {variant!r}: set the regime with 'regime: ...', not in overrides")
-    valid = _leaf_keys()
-    if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else "keys are dotted run config keys, e.g. fed.secure or train.lr"
-        raise CompareError(f"variant {variant!r}: unknown override key {key!r}; {hint}")
-    *path, last = key.split(".")
-    node = tree
-    for part in path:
-        node = node[part]
-    if isinstance(value, dict) and any(k.startswith(key + ".") for k in valid):  # a whole section: merge its keys
-        for k, v in value.items():
-            _apply_override(tree, f"{key}.{k}", v, variant)
-    else:
-        node[last] = value
-
-
-_RUN_PARSER: ArgumentParser | None = None
-
-
-def _run_config_parser() -> ArgumentParser:
-    global _RUN_PARSER
-    if _RUN_PARSER is None:
-        _RUN_PARSER = ArgumentParser(exit_on_error=False)
-        _RUN_PARSER.add_class_arguments(RunConfig)
-    return _RUN_PARSER
-
-
-def variant_run_config(base: CompareConfig, variant: Variant, encoder: Optional[dict[str, Any]] = None) -> RunConfig:
-    """The base config with the encoder's and then the variant's overrides, type-checked like a run config file."""
-    shared = dataclasses.asdict(base)
-    tree = {f.name: shared[f.name] for f in dataclasses.fields(RunConfig) if f.name != "regime"}
-    tree["regime"] = variant.regime
-    for key, value in (encoder or {}).items():
-        _apply_override(tree, str(key), value, variant.name)
-    for key, value in (variant.overrides or {}).items():
-        _apply_override(tree, str(key), value, variant.name)
-    try:
-        return run_config_from_dict(tree)
-    except (ArgumentError, TypeError, ValueError) as exc:  # a value of the wrong type or not among the choices
-        detail = " ".join(str(exc).split())
-        raise CompareError(f"variant {variant.name!r}: invalid overrides {dict(variant.overrides)}: {detail}") from None
-
-
-def run_config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    """A RunConfig from a plain dict (a config file's or a recorded run's), type-checked like ``splitfl train``'s."""
-    parser = _run_config_parser()
-    ns = parser.parse_object(tree)
-    ns = parser.instantiate(ns) if hasattr(parser, "instantiate") else parser.instantiate_classes(ns)
-    return RunConfig(**{f.name: ns[f.name] for f in dataclasses.fields(RunConfig)})
-
-
-def check_names(variants: list[Variant], what: str = "variant") -> None:
-    if not variants:
-        raise CompareError(f"the compare config lists no {what}s")
-    seen: dict[str, str] = {}
-    for v in variants:
-        if not _NAME.fullmatch(v.name) or v.name in OUTPUT_FILES:
-            raise CompareError(
-                f"{what} name {v.name!r} cannot be a folder name: use up to 100 letters, digits and _ . + = - "
-                f"(starting with a letter or digit), other than {', '.join(OUTPUT_FILES)}"
-            )
-        if v.name.lower() in seen:
-            same = "is listed twice" if seen[v.name.lower()] == v.name else f"clashes with {seen[v.name.lower()]!r} (folder names ignore case on some systems)"
-            raise CompareError(f"{what} name {v.name!r} {same}; {what} names must be unique")
-        seen[v.name.lower()] = v.name
-
-
-def plan(cfg: CompareConfig, only: list[str] | None = None) -> list[tuple[Variant, RunConfig, bool]]:
-    """Every variant with its run config and whether to run it (``only``: names to run; None: all).
-
-    Checks everything before any training starts, so a typo in the last variant
-    does not surface hours into the first.
-    """
-    check_names(cfg.variants)
-    names = [v.name for v in cfg.variants]
-    if only is not None:
-        unknown = [n for n in only if n not in names]
-        if unknown or not only:
-            raise CompareError(f"--only: unknown variant {', '.join(map(repr, unknown)) or '(none given)'}; the variants are: {', '.join(names)}")
-    return [(v, variant_run_config(cfg, v), only is None or v.name in only) for v in cfg.variants]
-
-
-@dataclass
-class Cell:
-    """One run of a comparison: a variant (with an encoder, or none), its config, folder, and whether to run it."""
-
-    encoder: Optional[str]
-    variant: Variant
-    config: RunConfig
-    run_dir: Path
-    chosen: bool
-
-    @property
-    def label(self) -> str:
-        return self.variant.name if self.encoder is None else f"{self.encoder}/{self.variant.name}"
-
-
-PRETRAIN_DIR = "pretrain"
-PRETRAINED_FILE = "encoder.pt"
-
-
-def pretrain_dir(out: Path, encoder: Encoder) -> Path:
-    """Where a comparison pretrains an encoder: its ``pretrain_out``, else ``<out>/pretrain/<encoder>/``."""
-    return Path(encoder.pretrain_out) if encoder.pretrain_out else Path(out) / PRETRAIN_DIR / encoder.name
-
-
-def plan_cells(cfg: CompareConfig, out: str | Path, only: list[str] | None = None) -> list[Cell]:
-    """Every (encoder, variant) run with its config and folder; ``only`` names variants, encoders or ``enc/variant``.
-
-    Checks every config before anything trains, as :func:`plan` does.
-    """
-    out = Path(out)
-    if not cfg.encoders:
-        return [Cell(None, v, rc, out / v.name, chosen) for v, rc, chosen in plan(cfg, only)]
-    check_names(cfg.variants)
-    check_names([Variant(e.name, "centralized") for e in cfg.encoders], what="encoder")
-    clash = sorted({e.name.lower() for e in cfg.encoders} & ({v.name.lower() for v in cfg.variants} | {PRETRAIN_DIR}))
-    if clash:
-        raise CompareError(f"encoder name(s) {clash} clash with a variant name or the folder {PRETRAIN_DIR!r}; rename them")
-    cells = []
-    for enc in cfg.encoders:
-        overrides = dict(enc.overrides or {})
-        if enc.pretrain is not None:
-            if "model.pretrained" in overrides:
-                raise CompareError(f"encoder {enc.name!r}: give either 'pretrain' or a model.pretrained override, not both")
-            overrides["model.pretrained"] = str(pretrain_dir(out, enc) / PRETRAINED_FILE)
-        for v in cfg.variants:
-            cells.append(Cell(enc.name, v, variant_run_config(cfg, v, overrides), out / enc.name / v.name, True))
-    if only is not None:
-        known = {c.label for c in cells} | {v.name for v in cfg.variants} | {e.name for e in cfg.encoders}
-        unknown = [n for n in only if n not in known]
-        if unknown or not only:
-            raise CompareError(
-                f"--only: unknown name {', '.join(map(repr, unknown)) or '(none given)'}; give variant names "
-                f"({', '.join(v.name for v in cfg.variants)}), encoder names ({', '.join(e.name for e in cfg.encoders)}) "
-                "or encoder/variant"
-            )
-        for c in cells:
-            c.chosen = any(n in (c.label, c.variant.name, c.encoder) for n in only)
-    return cells
-
-
-# ----------------------------------------------------------------------------- results
-
-
-def _normalised(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
-def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    d = _normalised(cfg_dict)
-    for section, keys in _DISPLAY_ONLY.items():
-        for key in keys:
-            (d.get(section) or {}).pop(key, None)
-    return d
-
-
-def is_finished(run_dir: Path, cfg: RunConfig) -> bool:
-    """``run_dir`` holds a finished run (metrics.json) of exactly this config (config.yaml).
-
-    A run writes config.yaml when it starts and metrics.json when it ends; a
-    config.yaml newer than metrics.json belongs to a later start (perhaps one
-    refused for a changed config), so those metrics are not this config's.
-    """
-    import yaml
-
-    metrics, saved_cfg = run_dir / "metrics.json", run_dir / "config.yaml"
-    if not metrics.is_file() or not saved_cfg.is_file() or saved_cfg.stat().st_mtime_ns > metrics.stat().st_mtime_ns:
-        return False
-    try:
-        saved = yaml.safe_load(saved_cfg.read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    if not isinstance(saved, dict):
-        return False
-    # Keys added to splitfl after that run were at their defaults in it (a new key's default keeps old behaviour).
-    saved = with_defaults(saved, _normalised(dataclasses.asdict(RunConfig())))
-    return _comparable(saved) == _comparable(dataclasses.asdict(cfg))
 
 
 def _history_rows(path: Path) -> list[dict[str, str]]:
@@ -457,17 +184,6 @@ def gains_summary(rows: list[dict[str, Any]], regime: str = "split-he") -> list[
 # ----------------------------------------------------------------------------- table and figure
 
 
-def format_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    if n == 0:
-        return "0"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
 def format_epsilon(row: dict[str, Any]) -> str:
     if row["epsilon"] is None:
         return "—"
@@ -547,8 +263,6 @@ CSV_COLUMNS = (
 def write_comparison(rows: list[dict[str, Any]], out: Path, title: str, config_path: str | None = None,
                      published: list[PublishedResult] | None = None) -> dict[str, Path]:
     """comparison.md, .csv, .json and .png in ``out`` (atomic writes); returns their paths."""
-    from splitfl.artifacts import write_csv, write_json, write_text
-    from splitfl.plots import plot_comparison
 
     reference = add_gaps(rows)
     paths = {
@@ -606,7 +320,6 @@ def compare(
                                "the folder splitfl compare runs in)")
         log(f"[pretrain] {name}: {encoder.pretrain} into {folder}")
         # torch and Lightning load only when something is trained
-        from splitfl.pretrain.runner import pretrain_from_file
 
         pretrain_from_file(encoder.pretrain, folder)
     trained = 0
@@ -616,7 +329,6 @@ def compare(
             log(f"{head}: finished, reusing {cell.run_dir / 'metrics.json'}")
             continue
         log(f"{head}: training into {cell.run_dir}")
-        from splitfl.train import RunError, run
 
         try:
             run(cell.config, cell.run_dir)
@@ -641,21 +353,6 @@ def _write(cells: list[Cell], out: Path, title: str, config_path: str | None,
             title = f"{tasks.pop()}: regimes compared"
         write_comparison(rows, out, title, config_path, published)
     return rows
-
-
-def variants_parser(config_cls: type, description: str, config_help: str, only_help: str) -> ArgumentParser:
-    """A command line for a config with ``variants`` (``splitfl compare``, ``splitfl attack``): --config, keys, --out, --only."""
-    parser = ArgumentParser(description=description)
-    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
-    parser.add_class_arguments(config_cls)
-    parser.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
-    parser.add_argument("--only", type=str | None, default=None, help=only_help)
-    return parser
-
-
-def parse_only(ns: Any) -> list[str] | None:
-    """``--only a,b`` as a list of names (None: every variant)."""
-    return None if ns.only is None else [n.strip() for n in ns.only.split(",") if n.strip()]
 
 
 def build_compare_parser() -> ArgumentParser:

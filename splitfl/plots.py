@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from splitfl.artifacts import save_figure  # noqa: E402
+from splitfl.units import format_bytes  # noqa: E402
 
 
 def plot_learning_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str) -> Path:
@@ -48,8 +49,6 @@ def plot_comparison(
     ``rows`` hold ``variant``, ``regime``, ``test_auroc_macro``, ``bytes_per_round`` and ``train_seconds``
     (as :mod:`splitfl.compare` writes them); ``reference_auroc`` (the centralized run) is drawn as a dashed line.
     """
-    from splitfl.compare import format_bytes
-
     names = [str(r["variant"]) for r in rows]
     regimes = list(dict.fromkeys(str(r["regime"]) for r in rows))
     palette = plt.get_cmap("tab10")

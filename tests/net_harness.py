@@ -44,16 +44,20 @@ class Federation:
         self.address = f"127.0.0.1:{free_port()}"
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start_server(self) -> None:
+    def start_server(self, join_timeout: float | None = None) -> None:
+        """The server, from its own folder of the PKI (pki/server) alone."""
         from splitfl.net.launch import server_command, start
 
-        cmd = server_command(self.config, self.root / "server", self.pki, self.address, False, self.round_timeout)
+        cmd = server_command(self.config, self.root / "server", self.pki / "server", self.address, False, self.round_timeout)
+        if join_timeout is not None:
+            cmd += ["--join-timeout", str(join_timeout)]
         self.procs["server"] = start(cmd, self.root / "logs" / "server.log")
 
     def start_site(self, i: int) -> None:
+        """Hospital ``i``, from its own folder of the PKI (pki/sites/site-i) alone."""
         from splitfl.net.launch import site_command, start
 
-        cmd = site_command(self.config, i, self.address, self.pki, self.root / "sites" / f"site-{i}", False)
+        cmd = site_command(self.config, i, self.address, self.pki / "sites" / f"site-{i}", self.root / "sites" / f"site-{i}", False)
         self.procs[f"site-{i}"] = start(cmd, self.root / "logs" / f"site-{i}.log")
 
     def log(self, name: str) -> str:

@@ -15,8 +15,9 @@ import torch
 from torch.nn import functional as F
 
 from attacks.fellow_inversion import VIEW_RELAY, read_relay, relay_observations
-from attacks.harness import AttackConfig, AttackSettings, run_attacks
-from splitfl.compare import Variant
+from attacks.config import AttackConfig, AttackSettings
+from attacks.harness import run_attacks
+from splitfl.variants import Variant
 from splitfl.config import DataConfig, ModelConfig, PartitionConfig, SplitConfig, TrainConfig
 
 
@@ -72,7 +73,7 @@ def plain(tmp_path_factory):
 def test_relay_is_the_other_hospitals_exact_sgd_step(plain):
     """weights sent on after step 0 = initial - lr * dL/d(encoder) of step 0's batch, in plaintext torch."""
     from attacks.fellow_inversion import load_flat
-    from splitfl.compare import run_config_from_dict
+    from splitfl.config import run_config_from_dict
     from splitfl.data import load_splits, partition_dataset
     from splitfl.models import build_split_model
 

@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from attacks.harness import AttackConfig, AttackSettings, run_attacks
-from attacks.transcript import TranscriptError, read_transcript
-from splitfl.compare import Variant
+from attacks.config import AttackConfig, AttackSettings
+from attacks.harness import run_attacks
+from splitfl.runs.transcript import TranscriptError, read_transcript
+from splitfl.variants import Variant
 from splitfl.config import DataConfig, FedConfig, ModelConfig, PartitionConfig, TrainConfig
 
 
@@ -76,7 +77,7 @@ def test_a_folder_without_a_transcript_says_how_to_record_one(tmp_path):
 
 
 def test_too_few_distractors_and_unattackable_regimes_are_refused(tmp_path):
-    from splitfl.compare import CompareError
+    from splitfl.variants import CompareError
 
     cfg = attack_config(Variant("central", "centralized"))
     with pytest.raises(CompareError, match="no server to attack"):
@@ -89,7 +90,7 @@ def test_too_few_distractors_and_unattackable_regimes_are_refused(tmp_path):
 
 def test_several_messages_of_one_kind_in_a_step_are_all_kept(tmp_path):
     """A Poisson batch above the packed capacity travels in parts: none may overwrite another."""
-    from splitfl.split.transcript import TranscriptRecorder
+    from splitfl.transcript import TranscriptRecorder
 
     rec = TranscriptRecorder(tmp_path, max_steps=2, meta={"config": {}})
     rec.record("activations_in", b"first part")

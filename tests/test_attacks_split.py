@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from attacks.harness import AttackConfig, AttackSettings, run_attacks
-from splitfl.compare import Variant
+from attacks.config import AttackConfig, AttackSettings
+from attacks.harness import run_attacks
+from splitfl.variants import Variant
 from splitfl.config import DataConfig, ModelConfig, PartitionConfig, SplitConfig, TrainConfig
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from splitfl.net.load_benchmark import main
+from splitfl.bench.split_load import main
 
 ROW_KEYS = {
     "hospitals", "steps_timed", "rounds_timed", "step_s_median", "step_s_p95", "step_s_max", "server_s_median",

@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from splitfl.cli import main
-from splitfl.compare import (
-    CompareConfig,
-    Variant,
-    plan,
-    read_result,
-    variant_run_config,
-)
+from splitfl.variants import CompareConfig, Variant, plan, variant_run_config
+from splitfl.compare import read_result
 
 BASE = """\
 seed: 3
@@ -258,7 +253,7 @@ def test_a_run_saved_before_a_config_key_existed_is_reused_and_a_changed_one_is_
 
     import yaml
 
-    from splitfl.compare import is_finished
+    from splitfl.runs import is_finished
     from splitfl.config import RunConfig
 
     cfg = RunConfig(regime="fedavg")
@@ -286,7 +281,7 @@ published:
 
 
 def test_encoders_cross_every_variant_into_their_own_folders(tmp_path):
-    from splitfl.compare import plan_cells
+    from splitfl.variants import plan_cells
 
     cfg_path = _config(tmp_path, ENCODERS)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -333,7 +328,7 @@ def _parsed(path: Path) -> CompareConfig:
 
 
 def test_pretrained_encoder_points_at_its_pretraining_and_names_clash(tmp_path):
-    from splitfl.compare import CompareError, Encoder, plan_cells
+    from splitfl.variants import CompareError, Encoder, plan_cells
 
     base = CompareConfig(variants=[Variant("centralized", "centralized")],
                          encoders=[Encoder("fm", {"model.freeze_encoder": True}, pretrain="p.yaml"),

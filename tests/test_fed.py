@@ -12,7 +12,8 @@ from splitfl.data import load_splits
 from splitfl.fed.aggregate import aggregate, check_update, norm_outliers
 from splitfl.fed.compress import TopKCompressor, decompress
 from splitfl.fed.flat import FlatSpec
-from splitfl.train import RunError, make_fabric, run
+from splitfl.engine import RunError, make_fabric
+from splitfl.train import run
 from tests.test_train import tiny_config
 
 

@@ -206,7 +206,7 @@ def test_batch_sum_adds_no_error_that_builds_up(ctx):
 def test_drift_bench_shows_what_the_cancellation_saves():
     """`splitfl bench he-head --full-drift N`: both servers see the same batches; without the cancellation the
     fixed key-switching error (~1.4e-9 per update, one sign) dominates after a few dozen updates."""
-    from splitfl.he.benchmark import run_full_drift
+    from splitfl.bench.he_head import run_full_drift
 
     drift = run_full_drift(updates=24, check_every=12)
     cancelled = [p["max_abs_error"] for p in drift["curve"]]

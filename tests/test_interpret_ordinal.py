@@ -17,7 +17,7 @@ import torch
 from captum.attr import IntegratedGradients
 
 from interpret.images import load_report_images
-from interpret.model_loading import load_run
+from splitfl.runs.model import load_run
 from interpret.ordinal import (
     ICDR_WORDS,
     IG_TOLERANCE,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from interpret.images import ImageInputError, load_report_images
-from interpret.model_loading import RunLoadError, load_run
+from splitfl.runs.model import RunLoadError, load_run
 from interpret.report import METHOD_LABELS, ReportError, ReportOptions, build_report
 from splitfl.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, TrainConfig
 from splitfl.train import run

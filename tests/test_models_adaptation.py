@@ -17,7 +17,8 @@ from splitfl.data import load_splits
 from splitfl.fed.server import build_fed_model
 from splitfl.models import ModelError, build_split_model, last_block_parameters
 from splitfl.models.embeddings import encode_images
-from splitfl.train import epoch_loader, run
+from splitfl.engine import epoch_loader
+from splitfl.train import run
 
 
 def _trainable(split) -> list[str]:

@@ -135,17 +135,17 @@ def test_masks_a_site_killed_after_sharing_keys_is_recovered_from_the_survivors_
     from splitfl.fed.runner import FedRunner
     from splitfl.net.federation import DIE_AFTER_ENV
     from splitfl.net.launch import server_command, site_command, start
-    from splitfl.train import make_fabric
+    from splitfl.engine import make_fabric
 
     cfg = net_config("masks", epochs=1)
     fed = Federation(cfg, tmp_path, round_timeout=120)  # the local training before AdvertiseKeys, on a busy machine
     try:
         # the steps after AdvertiseKeys wait 10 s (--phase-timeout): the survivors wait that long for site 2's masked input
-        fed.procs["server"] = start(server_command(fed.config, tmp_path / "server", fed.pki, fed.address, False, 120, 10),
+        fed.procs["server"] = start(server_command(fed.config, tmp_path / "server", fed.pki / "server", fed.address, False, 120, 10),
                                     tmp_path / "logs" / "server.log")
         for i in range(2):
             fed.start_site(i)
-        fed.procs["site-2"] = start(site_command(fed.config, 2, fed.address, fed.pki, tmp_path / "sites" / "site-2", False),
+        fed.procs["site-2"] = start(site_command(fed.config, 2, fed.address, fed.pki / "sites" / "site-2", tmp_path / "sites" / "site-2", False),
                                     tmp_path / "logs" / "site-2.log", env={DIE_AFTER_ENV: "share_keys"})
         # the reference, while the processes start: the survivors' round-1 updates
         # from the same initial model, aggregated in plaintext
@@ -194,7 +194,7 @@ def live_server(tmp_path):
     spec = FlatSpec(model)
     core = FedServerCore(cfg, spec.size, spec.flatten(model), None, log=lambda m: None)
     servicer = FederationServer(cfg, core, round_timeout=30, max_payload=64 << 20, log=lambda m: None)
-    server, port = make_server(servicer, "127.0.0.1:0", pki.root, insecure=False)
+    server, port = make_server(servicer, "127.0.0.1:0", pki.root / "server", insecure=False)
     yield cfg, pki, servicer, f"127.0.0.1:{port}", tmp_path
     servicer.finish()
     server.stop(grace=0)
@@ -358,6 +358,6 @@ def test_plaintext_needs_the_insecure_flag_and_warns(tmp_path):
     with pytest.raises(InsecureChannelError, match="--insecure"):
         make_channel("127.0.0.1:1", None, insecure=False)  # what `join` opens without certificates
     with pytest.warns(InsecureChannelWarning):
-        server, port = make_server(servicer, "127.0.0.1:0", tmp_path / "pki", insecure=True)
+        server, port = make_server(servicer, "127.0.0.1:0", tmp_path / "pki" / "server", insecure=True)
     server.stop(grace=0)
     assert port > 0

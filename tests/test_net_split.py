@@ -23,7 +23,7 @@ from splitfl.net.split_remote import (
     run_split_site,
 )
 from splitfl.net.tls import channel_credentials, make_channel
-from splitfl.split.tensors import ProtocolError
+from splitfl.tensors import ProtocolError
 from splitfl.train import run
 
 
@@ -44,7 +44,7 @@ def pki(tmp_path_factory):
 
 
 def _distributed(cfg, tmp_path, pki, *, while_serving=None, sites=(0, 1), insecure=False, keys_at_pki_root=False,
-                 **server_kw):
+                 site_kw=None, **server_kw):
     """Server in a thread, two hospitals in threads, mutual TLS on 127.0.0.1. Returns (metrics, out folder)."""
     out = tmp_path / "server"
     site_dirs = [tmp_path / f"site{i}" for i in range(2)]
@@ -66,7 +66,7 @@ def _distributed(cfg, tmp_path, pki, *, while_serving=None, sites=(0, 1), insecu
     def server():
         try:
             kw = {"turn_timeout_s": 30, "join_timeout_s": 60, "eval_timeout_s": 60, "finish_grace_s": 5, **server_kw}
-            result["m"] = run_split_server(cfg, out, "127.0.0.1:0", pki.root, insecure, on_ready=on_ready, **kw)
+            result["m"] = run_split_server(cfg, out, "127.0.0.1:0", pki.root / "server", insecure, on_ready=on_ready, **kw)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
             ready.set()
@@ -80,7 +80,8 @@ def _distributed(cfg, tmp_path, pki, *, while_serving=None, sites=(0, 1), insecu
 
     def site(i):
         try:
-            run_split_site(cfg, i, addr, pki.root / "sites" / f"site-{i}", insecure, site_dirs[i], poll_ms=500)
+            run_split_site(cfg, i, addr, pki.root / "sites" / f"site-{i}", insecure, site_dirs[i], poll_ms=500,
+                           **(site_kw or {}))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -194,7 +195,7 @@ def test_bad_payload_and_wrong_token_are_refused_and_the_server_keeps_serving(tm
             stale.connect(96)
         seen["run"] = e.value.error_code
         # the server still answers a valid call on the same session
-        from splitfl.split.tensors import tensor_from_bytes, tensor_to_bytes
+        from splitfl.tensors import tensor_from_bytes, tensor_to_bytes
 
         logits = tensor_from_bytes(good.forward(tensor_to_bytes(torch.zeros(4, 96)), train=False), "logits", (4, 2))
         seen["ok"] = tuple(logits.shape)
@@ -214,14 +215,18 @@ def test_bad_payload_and_wrong_token_are_refused_and_the_server_keeps_serving(tm
     assert metrics["test"]["auroc_macro"] >= 0  # training went on after the attacks
 
 
-def test_a_hospital_that_never_comes_is_skipped_and_training_goes_on(tmp_path, pki):
+def test_a_hospital_that_never_comes_stops_the_server_before_any_epoch_is_recorded(tmp_path, pki):
+    """Every hospital must come to the first epoch a server runs (within join_timeout_s): one that never joins stops
+    the run with an error naming it, how long the server waited and the option to raise, and no epoch (let alone an
+    empty one) reaches history.csv or the checkpoint. (One that joined and later goes silent is skipped instead:
+    test_a_hospital_that_dies_holding_its_turn_is_skipped_and_training_goes_on.) Before, the server trained on
+    without it, and with no hospital in time it recorded an empty first epoch (train_loss 0)."""
     cfg = net_config("split-plain", freeze=False, epochs=2)
-    metrics, out = _distributed(cfg, tmp_path, pki, sites=(0,), join_timeout_s=2, turn_timeout_s=2, finish_grace_s=1)
-    import csv
-
-    rows = list(csv.DictReader((out / "history.csv").open()))
-    assert [int(r["sites_skipped"]) for r in rows] == [1, 1]
-    assert metrics["wire"]["train_bytes_up"] > 0 and metrics["test"]["n"] == 64
+    with pytest.raises(AssertionError, match=r"site-1 never joined: waited \d+ s \(join timeout 2 s\).*--join-timeout"):
+        _distributed(cfg, tmp_path, pki, sites=(0,), join_timeout_s=2, turn_timeout_s=2, finish_grace_s=1,
+                     site_kw={"reconnect_timeout_s": 1})
+    out = tmp_path / "server"
+    assert not (out / "history.csv").exists() and not (out / "checkpoint.pt").exists()
 
 
 def test_server_crash_resumes_from_checkpoint_and_hospitals_reconnect(tmp_path, pki, monkeypatch):
@@ -257,7 +262,7 @@ def test_server_crash_resumes_from_checkpoint_and_hospitals_reconnect(tmp_path, 
 
     def serve(crash):
         try:
-            result["m"] = run_split_server(cfg, out, addr, pki.root, False, turn_timeout_s=30, join_timeout_s=60,
+            result["m"] = run_split_server(cfg, out, addr, pki.root / "server", False, turn_timeout_s=30, join_timeout_s=60,
                                            eval_timeout_s=60, finish_grace_s=5)
         except Crash:
             pass

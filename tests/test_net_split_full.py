@@ -93,7 +93,7 @@ def test_split_he_full_processes_match_in_process_and_the_server_sees_ciphertext
     # The server's transcript: the in-process kinds, every message a list of SEAL ciphertexts (SFCT), which the
     # attack harness reads as it reads an in-process transcript.
     from attacks.split_inversion import KeylessReader
-    from attacks.transcript import read_transcript
+    from splitfl.runs.transcript import read_transcript
     from splitfl.split.full_server import unpack_ciphertexts
 
     lines = [json.loads(l) for l in (server / "transcript" / "index.jsonl").read_text().splitlines()]
@@ -134,7 +134,7 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
     from splitfl.net.tls import channel_credentials, make_channel
     from splitfl.split.full_server import pack_ciphertexts, pack_weight_rows, unpack_ciphertexts
     from splitfl.split.runner import full_layout
-    from splitfl.train import make_optimizer
+    from splitfl.engine import make_optimizer
 
     cfg = full_net_config(epochs=1)
     cfg.split.transcript = False
@@ -144,7 +144,7 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
     run_id, fp = "full-refusals", config_fingerprint(cfg)
     svc = SplitServicer(cfg, run_id, head, make_optimizer(list(head.parameters()), cfg.train), None,
                         Coordinator(2, False, "backward"))
-    server, port = serve(svc, "127.0.0.1:0", pki.root, False)
+    server, port = serve(svc, "127.0.0.1:0", pki.root / "server", False)
     s0 = pki.site("site-0")
     channel = make_channel(f"127.0.0.1:{port}", channel_credentials(s0.ca_cert, s0.cert, s0.key), site="site-0",
                            token=read_token(s0.token))
@@ -208,7 +208,7 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
 ])
 def test_the_server_refuses_what_the_encrypted_head_cannot_train_before_serving(tmp_path, change, match):
     from splitfl.net.split_remote import run_split_server
-    from splitfl.train import RunError
+    from splitfl.engine import RunError
 
     cfg = full_net_config(epochs=1)
     for key, value in change.items():

@@ -8,7 +8,7 @@ import torch
 from test_train import tiny_config
 
 from splitfl.split.server import SplitServer
-from splitfl.split.tensors import ProtocolError, tensor_to_bytes
+from splitfl.tensors import ProtocolError, tensor_to_bytes
 from splitfl.train import run
 
 
@@ -243,7 +243,7 @@ def test_noninteractive_mlp_inference_matches_interactive(tmp_path, monkeypatch)
 
 def test_noninteractive_inference_refuses_relu_and_shallow_presets(tmp_path):
     from splitfl.he.params import HEError
-    from splitfl.train import RunError
+    from splitfl.engine import RunError
 
     cfg = one_step_config("split-he")
     cfg.model.cut = "mlp"

@@ -12,7 +12,9 @@ import pytest
 from test_split import _weights, interrupt_in_second_epoch
 from test_train import tiny_config
 
-from splitfl.train import RunError, run
+from splitfl.engine import RunError
+
+from splitfl.train import run
 
 FULL_TOLERANCE = 1e-5  # weights after the run's steps; the head alone is tested to 1e-6 per step
 

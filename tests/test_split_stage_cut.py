@@ -15,8 +15,9 @@ from test_train import tiny_config
 
 from splitfl.models import create_model, split_model
 from splitfl.split.server import SplitServer
-from splitfl.split.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
-from splitfl.train import RunError, run
+from splitfl.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
+from splitfl.engine import RunError
+from splitfl.train import run
 
 CUT = "stage:1"
 

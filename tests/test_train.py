@@ -13,7 +13,9 @@ import torch
 
 from conftest import interrupt_on_call
 from splitfl.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, TrainConfig
-from splitfl.train import CHECKPOINT, RunError, run
+import splitfl.central.runner as central_runner
+from splitfl.engine import CHECKPOINT, RunError
+from splitfl.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,9 +60,7 @@ def test_centralized_writes_all_artefacts(tmp_path):
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     straight = run(tiny_config(), tmp_path / "straight")
-    import splitfl.train as train_mod
-
-    interrupt_on_call(monkeypatch, train_mod, "train_one_epoch")  # Ctrl-C during the second epoch
+    interrupt_on_call(monkeypatch, central_runner, "train_one_epoch")  # Ctrl-C during the second epoch
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(), tmp_path / "resumed")
     monkeypatch.undo()

@@ -1,7 +1,7 @@
 """FedAvg / FedProx rounds: sites train locally, the server aggregates what it is allowed to see.
 
 One call of :meth:`FedRunner.train_epoch` is one federated round, so the
-shared epoch loop in :mod:`splitfl.train` gives federated runs the same model
+shared epoch loop in :mod:`splitfl.engine` gives federated runs the same model
 selection, atomic checkpoints and resume as every other regime
 (``train.epochs`` is the number of rounds).
 
@@ -27,15 +27,22 @@ import torch
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
+from splitfl.artifacts import write_bytes
 from splitfl.config import RunConfig
 from splitfl.data import DataSplits, partition_dataset
 from splitfl.data.base import ArrayDataset
+from splitfl.engine import RunError, eval_loader, fit, make_scheduler
 from splitfl.fed.aggregate import check_update
 from splitfl.fed.compress import TopKCompressor
 from splitfl.fed.flat import FlatSpec
+from splitfl.fed.secagg import secure_sum
 from splitfl.fed.server import FedServerCore, build_fed_model, fed_privacy_summary, vector_bytes, vector_from_bytes
 from splitfl.fed.site import Site, package_update
+from splitfl.he.aggregation import decrypt_aggregate
+from splitfl.he.keys import consortium_secret_context, load_public_context, public_context_bytes
 from splitfl.metrics import TaskMetrics, make_loss
+from splitfl.plots import plot_learning_curves
+from splitfl.transcript import TranscriptRecorder
 
 SECRET_CONTEXT = "keys/consortium.secret"
 
@@ -48,7 +55,6 @@ def fed_transcript(cfg: RunConfig, out_dir: Path, spec: FlatSpec, site_sizes: li
     """The recorder of the server's view of a federated run (``<out>/transcript``), with what an attacker knows."""
     import dataclasses
 
-    from splitfl.split.transcript import TranscriptRecorder
 
     meta = {
         "regime": cfg.regime,
@@ -78,8 +84,6 @@ class FedRunner:
     """The federation: sites with their data and accountants, and a server with the global model."""
 
     def __init__(self, fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> None:
-        from splitfl.train import RunError, make_scheduler
-
         self.fabric, self.cfg, self.task = fabric, cfg, splits.task
         fed = cfg.fed
         self._check_config()
@@ -106,12 +110,6 @@ class FedRunner:
             raise RunError(str(exc)) from None
         self.secret_ctx = self.public_ctx = None
         if fed.secure == "he":
-            from splitfl.he.keys import (
-                consortium_secret_context,
-                load_public_context,
-                public_context_bytes,
-            )
-
             # Key holders: the sites. The server gets the public context only (no secret, no evaluation keys needed).
             self.secret_ctx = consortium_secret_context(out_dir / SECRET_CONTEXT, fed.he_preset, "fed.he_preset")
             self.public_ctx = load_public_context(public_context_bytes(self.secret_ctx))
@@ -128,8 +126,6 @@ class FedRunner:
         if fed.transcript:
             self.core.recorder = fed_transcript(cfg, out_dir, self.spec, [len(s) for s in self.sites])
             if self.public_ctx is not None:  # the server holds the public context: the attack may use it
-                from splitfl.artifacts import write_bytes
-                from splitfl.he.keys import public_context_bytes
 
                 write_bytes(self.core.recorder.folder / "server_public_context.bin", public_context_bytes(self.secret_ctx), 0o644)
         if fed.secure == "he":
@@ -149,8 +145,6 @@ class FedRunner:
     # ------------------------------------------------------------------ configuration
 
     def _check_config(self) -> None:
-        from splitfl.train import RunError
-
         fed, n = self.cfg.fed, self.cfg.data.partition.num_sites
         if fed.local_epochs < 1:
             raise RunError(f"fed.local_epochs={fed.local_epochs} must be at least 1")
@@ -284,7 +278,6 @@ class FedRunner:
         out, summed = self.core.aggregate(acc, accepted)
         if summed is None:
             return out
-        from splitfl.he.aggregation import decrypt_aggregate
 
         mask = self.he_mask
         mean, total = decrypt_aggregate(self.secret_ctx, summed, int(mask.sum()))  # a key holder
@@ -295,7 +288,6 @@ class FedRunner:
 
     def _masked_sum(self, round_index: int, updates: dict[int, np.ndarray]) -> np.ndarray | None:
         """Pairwise-masked secure sum of count-weighted updates (Bonawitz et al.); the weighted mean, or None."""
-        from splitfl.fed.secagg import secure_sum
 
         fed = self.cfg.fed
         if len(updates) < max(fed.min_sites, 2):  # a "sum" of one site would be that site's update
@@ -309,8 +301,6 @@ class FedRunner:
     # ------------------------------------------------------------------ the fit() protocol
 
     def evaluate(self, dataset: ArrayDataset) -> dict[str, Any]:
-        from splitfl.train import eval_loader
-
         self.model.eval()
         self.metrics.reset()
         with torch.no_grad():
@@ -364,3 +354,12 @@ class FedRunner:
                 noise_multipliers=[s.noise_multiplier for s in self.sites],
             )
         return out
+
+
+def run_fed(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> dict[str, Any]:
+    """fedavg / fedprox: sites train full models locally; the server averages their updates each round."""
+    fabric.seed_everything(cfg.seed, verbose=False)
+    runner = FedRunner(fabric, cfg, splits, out_dir)
+    result = fit(fabric, runner, cfg, splits, out_dir, cfg.regime)
+    plot_learning_curves({cfg.regime: result["history"]}, out_dir / "learning_curves.png", f"{cfg.regime}: {splits.task.name}")
+    return {k: v for k, v in result.items() if k != "history"}

@@ -27,10 +27,14 @@ import numpy as np
 import torch
 
 from splitfl.config import RunConfig
+from splitfl.engine import RunError
 from splitfl.fed.aggregate import Rejection, aggregate, check_update, norm_outliers
 from splitfl.fed.compress import decompress
 from splitfl.fed.site import _seed
-from splitfl.split.tensors import tensor_from_bytes, tensor_to_bytes
+from splitfl.he.aggregation import EncryptedSum, capacity
+from splitfl.he.keys import params_of
+from splitfl.models import build_split_model
+from splitfl.tensors import tensor_from_bytes, tensor_to_bytes
 
 __all__ = ["FedServerCore", "RoundAcc", "build_fed_model", "fed_privacy_summary", "sample_sites", "vector_bytes", "vector_from_bytes"]
 
@@ -56,8 +60,6 @@ def build_fed_model(cfg: RunConfig, num_outputs: int, n_channels: int, log: Call
     """The federation's model, as every party builds it (GroupNorm in place of BatchNorm under fed.norm: groupnorm)."""
     from opacus.validators import ModuleValidator
 
-    from splitfl.models import build_split_model
-    from splitfl.train import RunError
 
     model, report = build_split_model(cfg.model, num_outputs, n_channels, cfg.data.size)
     if report is not None and log is not None:
@@ -190,8 +192,6 @@ class FedServerCore:
 
     def he_value_bound(self) -> float:
         """The largest |coordinate| each site may encrypt: capacity / sum of all sites' counts (public)."""
-        from splitfl.he.aggregation import capacity
-        from splitfl.he.keys import params_of
 
         if self.public_ctx is None or not self.site_sizes:
             return 0.0
@@ -215,8 +215,6 @@ class FedServerCore:
             self.recorder.record("round_info", json.dumps(info).encode())
             self.recorder.record("global_model", vector_bytes(self.global_flat))
         if self.secure == "he":
-            from splitfl.he.aggregation import EncryptedSum
-
             acc.enc_sum = EncryptedSum(self.public_ctx, self.encrypted_size)
         return acc
 

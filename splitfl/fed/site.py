@@ -23,8 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from splitfl.config import RunConfig
 from splitfl.data.base import ArrayDataset
+from splitfl.engine import RunError, make_optimizer
 from splitfl.fed.flat import FlatSpec
+from splitfl.he.aggregation import encrypt_update
 from splitfl.models.embeddings import embedded_dataset
+from splitfl.tensors import tensor_to_bytes
 
 
 def _seed(*parts: int) -> int:
@@ -97,7 +100,6 @@ class Site:
 
     def train(self, global_model: nn.Module, spec: FlatSpec, global_flat: np.ndarray, round_index: int, lr: float) -> tuple[np.ndarray, float]:
         """Train a copy of the global model locally; return (update, mean training loss)."""
-        from splitfl.train import RunError, make_optimizer
 
         whole = copy.deepcopy(global_model).to(self.device)
         whole.train()
@@ -210,15 +212,12 @@ def package_update(
     it (wrong shape; non-finite values under HE). Used by the in-process runner
     and by the remote site alike.
     """
-    from splitfl.split.tensors import tensor_to_bytes
 
     def as_bytes(values: np.ndarray) -> bytes:
         return tensor_to_bytes(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
 
     fed = cfg.fed
     if fed.secure == "he":
-        from splitfl.he.aggregation import encrypt_update
-
         if he_mask is None or secret_ctx is None:
             raise ValueError("fed.secure: he needs the encrypted-coordinate mask and the consortium's secret context")
         if update.shape != he_mask.shape:  # the site's own software notices before encrypting

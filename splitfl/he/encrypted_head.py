@@ -67,7 +67,7 @@ import tenseal as ts
 import tenseal.sealapi as sa
 import torch
 
-from .keys import SealEngine, engine_for
+from .keys import SealEngine, engine_for, public_context_bytes
 from .mlp import _eval_keys, _rotate_and_sum, mlp_public_context_bytes
 from .packing import check_positive_fields
 from .params import HEError
@@ -164,8 +164,6 @@ def full_public_context_bytes(ctx: ts.Context, layout: FullHeadLayout) -> bytes:
     """The server's context: public key, relinearisation keys and the batch-sum Galois keys only (none at batch 1)."""
     steps = layout.rotation_steps()
     if not steps:
-        from .keys import public_context_bytes
-
         if not ctx.has_relin_keys():
             ctx.generate_relin_keys()
         return public_context_bytes(ctx, relin=True)

@@ -112,7 +112,6 @@ def consortium_secret_context(key_file: PathLike, preset: str, what: str = "he_p
     run decrypts what it encrypted before; the server never receives this file.
     ``what`` names the config key in the error for an unknown preset.
     """
-    from splitfl.he.params import PRESETS
 
     key_file = Path(key_file)
     if key_file.exists():

@@ -36,11 +36,22 @@ STATUS_METHODS: tuple[str, ...] = ("/splitfl.v1.SplitService/Status", "/splitfl.
 ERROR_METADATA_KEY = "splitfl-error-bin"
 # Sequence numbers accepted out of order within this distance of the highest one (SessionInfo.replay_window).
 DEFAULT_REPLAY_WINDOW = 64
+# How far ahead of a session's highest accepted sequence number a request may jump, in replay windows. A
+# client numbers its requests 1, 2, 3, ..., so a genuine jump is only its calls still in flight or lost on
+# the way (a few); a far jump (a bug, or a forged header) would move the window and make every later genuine
+# request look replayed. Refused like a replay (ERROR_CODE_REPLAYED), before any state changes.
+MAX_SEQUENCE_JUMP_WINDOWS = 16
+
+
+def max_sequence_jump(replay_window: int) -> int:
+    """The largest accepted ``sequence - highest`` for a session with this replay window."""
+    return MAX_SEQUENCE_JUMP_WINDOWS * replay_window
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_REPLAY_WINDOW",
     "ERROR_METADATA_KEY",
+    "MAX_SEQUENCE_JUMP_WINDOWS",
     "PROTOCOL_VERSION",
     "STATUS_METHODS",
     "SUPPORTED_VERSIONS",
@@ -51,6 +62,7 @@ __all__ = [
     "TransferInfo",
     "assemble",
     "assemble_into",
+    "max_sequence_jump",
     "new_transfer_id",
     "open_stream",
     "read_transfer",

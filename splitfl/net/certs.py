@@ -11,16 +11,22 @@ any PEM files, not only the ones made here.
       manifest.json          paths (relative to DIR), server names, sites, CA fingerprint, expiry
       ca/ca.crt              the CA certificate (public; every party trusts it)
       ca/ca.key       0600   the CA private key: keep offline, never copy to a server or a site
-      server/                copy this folder to the server
+      server/                copy this folder to the server: it is all the server needs (--pki DIR/server)
         ca.crt               trust root for the hospitals' client certificates
         server.crt           SANs: the DNS names and IP addresses given (serverAuth)
         server.key    0600
         tokens.json   0600   {"sites": {site: sha256-hex of its token}}: hashes only, no tokens
-      sites/<site>/          copy each folder to its hospital only
+        consortium.public    fed.secure he: the consortium's PUBLIC CKKS context (`splitfl keys`)
+      sites/<site>/          copy each folder to its hospital only: all it needs (--pki DIR/sites/<site>)
         ca.crt               trust root for the server's certificate
         client.crt           CN=<site>, SAN URI urn:splitfl:site:<site> (clientAuth)
         client.key    0600
         token         0600   the site's secret token (one line)
+        consortium.secret 0600  the hospitals' shared key (`splitfl keys`: CKKS secret context, or
+                             relay.secret in split-plain); a copy stays at DIR/ for the administrator
+
+A server refuses a folder that holds anything secret it must not have (the CA
+key, a consortium secret, a site's key or token): :func:`load_server_folder`.
 
 Every file is written atomically (temporary file in the same folder, then
 :func:`os.replace`); private keys and tokens are created with mode 0600 and
@@ -54,11 +60,13 @@ __all__ = [
     "DEFAULT_SERVER_NAMES",
     "PkiError",
     "PkiPaths",
+    "ServerPaths",
     "SitePaths",
     "cmd_certs",
     "fingerprint",
     "hash_token",
     "load_pki",
+    "load_server_folder",
     "load_token_hashes",
     "make_dev_pki",
     "read_token",
@@ -496,6 +504,112 @@ def read_token(path: PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------
+# the server's own folder (DIR/server), and nothing more
+
+
+SERVER_FILES: tuple[str, ...] = ("ca.crt", "server.crt", "server.key", "tokens.json")
+# First bytes of a file written by splitfl.he.keys.save_secret_context (its _SECRET_MAGIC), so a consortium
+# secret context is recognised whatever it is called, without importing TenSEAL here.
+SECRET_CONTEXT_PREFIX = b"SPLITFL-CKKS-SECRET-CONTEXT"
+MAX_SERVER_FOLDER_FILES = 1000  # a server folder holds a handful; more means a wrong folder (say, a home dir)
+_PEM_SNIFF_BYTES = 1 << 20  # PEM private keys are a few KB; larger files are not read for them
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerPaths:
+    """What one server needs, all in its own folder: its certificate and key, the CA, the sites' token hashes."""
+
+    root: Path
+    ca_cert: Path
+    cert: Path
+    key: Path
+    tokens: Path
+
+
+def _secret_reason(path: Path, folder: Path) -> Optional[str]:
+    """Why ``path`` (a file under a server's folder) is a secret the server must not hold, or None."""
+    name = path.name
+    if name == "ca.key":
+        return "the CA private key, to keep offline"
+    if name.endswith(".secret"):
+        return "a consortium secret, the hospitals' shared key"
+    if name == "token":
+        return "a site's token; the server holds only their hashes, tokens.json"
+    if path.suffix == ".key" and path != folder / "server.key":
+        return "a private key other than this folder's server.key"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(_PEM_SNIFF_BYTES if size <= _PEM_SNIFF_BYTES else len(SECRET_CONTEXT_PREFIX))
+    except OSError:
+        return None
+    if head.startswith(SECRET_CONTEXT_PREFIX):
+        return "a consortium secret context, which can decrypt"
+    if b"PRIVATE KEY-----" in head and path != folder / "server.key":
+        return "a private key other than this folder's server.key"
+    return None
+
+
+def _is_ca_key(key_path: Path, ca_cert_path: Path) -> bool:
+    """server.key is in fact the CA's private key (copied over the server's by mistake)."""
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        ca = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return False
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*fmt) == ca.public_key().public_bytes(*fmt)
+
+
+def load_server_folder(folder: PathLike, require_tls: bool = True) -> ServerPaths:
+    """The server's own folder (``DIR/server`` of :func:`make_dev_pki`), refused if it holds a secret.
+
+    A server needs only ``ca.crt``, ``server.crt``, ``server.key``, ``tokens.json`` (and, under
+    ``fed.secure: he``, ``consortium.public``). Handing it more (the whole PKI with the CA key, a
+    consortium secret, a site's key or token) would let a compromised server mint certificates,
+    decrypt or impersonate a hospital, so every file under the folder is checked and the first
+    offenders are named in a :class:`PkiError`. ``require_tls``: the certificate files must be
+    there too (not needed for an ``--insecure`` development server, which checks tokens only).
+    """
+    root = Path(folder).expanduser().absolute()
+    if not root.is_dir():
+        raise PkiError(f"server folder {root} {'is not a folder' if root.exists() else 'does not exist'}: pass the "
+                       "server's own folder made by `splitfl certs --out DIR` (DIR/server)")
+    whole_pki = (root / "manifest.json").is_file()
+    found: list[tuple[int, str]] = []  # (rank: the worst first, "path: why")
+    seen = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in sorted(files):
+            seen += 1
+            if seen > MAX_SERVER_FOLDER_FILES:
+                raise PkiError(f"{root} holds more than {MAX_SERVER_FOLDER_FILES} files: it is not a server's folder; "
+                               "pass the one made by `splitfl certs --out DIR` (DIR/server)")
+            path = Path(dirpath) / name
+            reason = _secret_reason(path, root) if path.is_file() else None
+            if reason is not None:
+                rank = next(i for i, w in enumerate(("CA", "consortium", "token", "")) if w in reason)
+                found.append((rank, f"{path.relative_to(root)}: {reason}"))
+    if not found and (root / "server.key").is_file() and _is_ca_key(root / "server.key", root / "ca.crt"):
+        found.append((0, "server.key: it is the CA private key, not the server's"))
+    if found:
+        found = sorted(found)
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        todo = (f"pass the server's own folder instead: --pki {root / 'server'}" if whole_pki else
+                "copy only the server's folder of `splitfl certs` (and consortium.public from `splitfl keys`) to the "
+                "server, and remove those files from it")
+        raise PkiError(f"refusing to serve from {root}: it holds secrets a server must never have: "
+                       f"{'; '.join(f for _, f in found[:3])}{more}. A server needs only {', '.join(SERVER_FILES)} "
+                       f"(and consortium.public under fed.secure he); {todo}")
+    needed = SERVER_FILES if require_tls else ("tokens.json",)
+    missing = [n for n in needed if not (root / n).is_file()]
+    if missing:
+        hint = (f"it is a whole PKI folder: pass its server folder, --pki {root / 'server'}" if whole_pki else
+                "pass the server's own folder made by `splitfl certs --out DIR` (DIR/server)")
+        raise PkiError(f"server folder {root} lacks {', '.join(missing)}; {hint}")
+    return ServerPaths(root, root / "ca.crt", root / "server.crt", root / "server.key", root / "tokens.json")
+
+
+# ---------------------------------------------------------------------------
 # CLI entry: ``splitfl certs --out DIR --sites N [--names a,b] [--overwrite]``
 
 
@@ -518,13 +632,16 @@ def cmd_certs(out: str, sites: Optional[int], names: Optional[list[str]] = None,
     print(f"  CA certificate   {pki.ca_cert}")
     print(f"  CA fingerprint   SHA256 {pki.ca_fingerprint}")
     print(f"  CA private key   {pki.ca_key}   (keep offline; not needed by the server or the sites)")
-    print(f"  server bundle    {pki.server_cert.parent}/   (server.crt for {', '.join(pki.server_names)}, server.key, ca.crt, tokens.json)")
+    print(f"  server folder    {pki.server_cert.parent}/   (server.crt for {', '.join(pki.server_names)}, server.key, ca.crt, "
+          f"tokens.json): all the server needs, `splitfl serve --pki {pki.server_cert.parent}`")
     for site, sp in pki.sites.items():
-        print(f"  site {site:<12} {sp.cert.parent}/   (client.crt, client.key, ca.crt, token)")
+        print(f"  site {site:<12} {sp.cert.parent}/   (client.crt, client.key, ca.crt, token): `splitfl join --pki {sp.cert.parent}`")
     print(f"  manifest         {pki.manifest}")
     print(
         "WARNING: this is a DEVELOPMENT certificate authority. Real deployments must use certificates from the "
-        "hospitals' own PKI. Copy each sites/<site>/ folder only to its hospital and server/ only to the server.",
+        "hospitals' own PKI. Copy each sites/<site>/ folder only to its hospital and server/ only to the server "
+        "(a server refuses a folder holding the CA key, a consortium secret or a site's key or token). Under HE "
+        "(or split-plain with a trainable encoder) run `splitfl keys` next: it adds each party's keys to its folder.",
         file=sys.stderr,
     )
     return pki

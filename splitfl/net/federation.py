@@ -7,7 +7,7 @@ Architecture
   aggregation and books as the in-process :class:`splitfl.fed.runner.FedRunner`)
   and a small round state machine guarded by one condition variable.
 * :class:`RemoteFedRunner` is the coordinator: a runner for
-  :func:`splitfl.train.fit` whose ``train_epoch`` opens one round on the
+  :func:`splitfl.engine.fit` whose ``train_epoch`` opens one round on the
   server and blocks until it is aggregated, so checkpoints, resume,
   ``metrics.json`` and ``history.csv`` are exactly those of the in-process run.
 * :class:`FedSiteClient` is a hospital: it joins, long-polls ``GetRound``,
@@ -80,22 +80,45 @@ import grpc
 import numpy as np
 import torch
 
+from splitfl.artifacts import save_checkpoint
 from splitfl.config import RunConfig
-from splitfl.fed.server import FedServerCore, RoundAcc, build_fed_model, fed_privacy_summary, vector_bytes, vector_from_bytes
+from splitfl.data import load_splits, partition_dataset
+from splitfl.engine import RunError, eval_loader, make_scheduler, resume_key
+from splitfl.fed import secagg as sa
+from splitfl.fed.aggregate import check_update
+from splitfl.fed.compress import TopKCompressor
+from splitfl.fed.flat import FlatSpec
+from splitfl.fed.server import (
+    FedServerCore,
+    RoundAcc,
+    build_fed_model,
+    fed_privacy_summary,
+    vector_bytes,
+    vector_from_bytes,
+)
+from splitfl.fed.site import Site, package_update
+from splitfl.he.aggregation import decrypt_aggregate
+from splitfl.he.keys import context_fingerprint, load_secret_context
+from splitfl.metrics import TaskMetrics, make_loss
 from splitfl.net import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_REPLAY_WINDOW,
     ERROR_METADATA_KEY,
     PROTOCOL_VERSION,
+    STATUS_METHODS,
     SUPPORTED_VERSIONS,
     ChunkError,
     assemble,
+    max_sequence_jump,
+    new_transfer_id,
     open_stream,
     read_transfer,
     split_payload,
 )
+from splitfl.net.certs import PkiError, load_server_folder
 from splitfl.net.proto import splitfl_pb2 as pb
 from splitfl.net.proto import splitfl_pb2_grpc as pb_grpc
+from splitfl.net.tls import SiteAuthInterceptor, add_server_port, authenticated_site, server_credentials
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
@@ -129,9 +152,8 @@ def site_index(name: Optional[str]) -> Optional[int]:
 
 def run_fingerprint(cfg: RunConfig) -> bytes:
     """SHA-256 of the protocol-relevant configuration (all but display and hardware settings), same on every party."""
-    from splitfl.train import _resume_key
 
-    d = _resume_key(cfg)
+    d = resume_key(cfg)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("accelerator", "devices")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
 
@@ -142,7 +164,6 @@ def default_run_id(cfg: RunConfig) -> str:
 
 def _context_fp(ctx: Any) -> bytes:
     """32 bytes naming a CKKS context's parameters and public key (the same for the secret and the public copy)."""
-    from splitfl.he.keys import context_fingerprint
 
     return hashlib.sha256(context_fingerprint(ctx).encode()).digest()
 
@@ -272,7 +293,6 @@ class FederationServer(pb_grpc.FederationServiceServicer):
 
     def _check(self, header: pb.RequestHeader, context: grpc.ServicerContext, *, opening: bool = False) -> int:
         """Version, run, site, session, sequence, in that order; the caller's site index."""
-        from splitfl.net.tls import authenticated_site
 
         if header.protocol_version not in SUPPORTED_VERSIONS:
             raise _Abort(
@@ -312,6 +332,15 @@ class FederationServer(pb_grpc.FederationServiceServicer):
                 raise _Abort(
                     grpc.StatusCode.ALREADY_EXISTS, pb.ERROR_CODE_REPLAYED,
                     f"sequence {seq} already used or older than the replay window (highest {sess.highest})",
+                    highest_sequence=sess.highest,
+                )
+
+            jump = max_sequence_jump(self.replay_window)
+            if seq > sess.highest + jump:  # would move the window past every genuine request still to come
+                raise _Abort(
+                    grpc.StatusCode.ALREADY_EXISTS, pb.ERROR_CODE_REPLAYED,
+                    f"sequence {seq} jumps more than {jump} ahead of the session's highest ({sess.highest}); "
+                    "number requests 1, 2, 3, ... within a session (or join again for a new one)",
                     highest_sequence=sess.highest,
                 )
             sess.seen.add(seq)
@@ -699,17 +728,26 @@ class FederationServer(pb_grpc.FederationServiceServicer):
 
     # ------------------------------------------------------------------ the coordinator's side
 
-    def wait_for_sites(self, timeout: float) -> None:
-        """Block until every site has joined once (their public sample counts are needed); RuntimeError after ``timeout``."""
-        deadline = time.monotonic() + timeout
+    def wait_for_sites(self, timeout: float, round_index: int = 0) -> None:
+        """Block until every site has joined once (their public sample counts are needed); RunError after ``timeout``.
+
+        A site that joins late, within ``timeout``, is served like the others; the error (raised before the
+        round opens, so nothing is recorded) names the sites that never joined and the option to raise.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
         with self.cond:
             while any(s is None for s in self.core.site_sizes):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    from splitfl.train import RunError
-
-                    missing = [i for i, s in enumerate(self.core.site_sizes) if s is None]
-                    raise RunError(f"sites {missing} did not join within {timeout:.0f} s")
+                    missing = [site_name(i) for i, s in enumerate(self.core.site_sizes) if s is None]
+                    came = [site_name(i) for i, s in enumerate(self.core.site_sizes) if s is not None]
+                    raise RunError(
+                        f"site(s) {', '.join(missing)} never joined: waited {time.monotonic() - started:.0f} s (join "
+                        f"timeout {timeout:g} s) for all {self.num_sites} sites before round {round_index + 1}; "
+                        f"joined: {', '.join(came) or 'none'}. No round was run or recorded. Start the missing sites "
+                        "(`splitfl join --site N ...`, same config, this server's address) and rerun with the same "
+                        "--out, or give them longer to start with --join-timeout")
                 self.cond.wait(min(left, 1.0))
 
     def run_round(self, round_index: int, lr: float) -> tuple[float, dict[str, Any]]:
@@ -783,7 +821,6 @@ class FederationServer(pb_grpc.FederationServiceServicer):
 
     def _masked_round(self, round_index: int, chosen: list[int]) -> tuple[float, dict[str, Any]]:
         """fed.secure masks: Bonawitz et al. over SecAggSubmit / SecAggFetch; the server learns only the sum."""
-        from splitfl.fed import secagg as sa
 
         core, fed, r = self.core, self.cfg.fed, round_index
         adv = self._sa_collect(pb.SECAGG_MESSAGE_TYPE_ADVERTISE_KEYS, chosen, pb.SECAGG_MESSAGE_TYPE_SHARE_KEYS)
@@ -879,20 +916,21 @@ def make_server(
     insecure: bool,
     max_workers: int = 32,
 ) -> tuple[grpc.Server, int]:
-    """A started gRPC server for ``servicer`` on ``address`` (mutual TLS + site tokens; plaintext only if ``insecure``)."""
+    """A started gRPC server for ``servicer`` on ``address`` (mutual TLS + site tokens; plaintext only if ``insecure``).
+
+    ``pki_dir`` is the server's own folder (``DIR/server`` of ``splitfl certs``), never the whole PKI: see
+    :func:`splitfl.net.certs.load_server_folder`, which refuses a folder holding a secret.
+    """
     from concurrent import futures
 
-    from splitfl.net import STATUS_METHODS
-    from splitfl.net.certs import PkiError, load_pki
-    from splitfl.net.tls import SiteAuthInterceptor, add_server_port, server_credentials
-
     if pki_dir is None:
-        raise PkiError("the server needs --pki (its certificate and the sites' token hashes)")
-    pki = load_pki(pki_dir)
-    interceptor = SiteAuthInterceptor(pki.tokens, require_peer_cert=not insecure, exempt=STATUS_METHODS)
+        raise PkiError("the server needs --pki: its own folder from `splitfl certs --out DIR` (DIR/server: its "
+                       "certificate and key, the CA certificate, the sites' token hashes)")
+    own = load_server_folder(pki_dir, require_tls=not insecure)  # refuses a folder holding any secret
+    interceptor = SiteAuthInterceptor(own.tokens, require_peer_cert=not insecure, exempt=STATUS_METHODS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[interceptor])
     pb_grpc.add_FederationServiceServicer_to_server(servicer, server)
-    port = add_server_port(server, address, None if insecure else server_credentials(pki), insecure=insecure)
+    port = add_server_port(server, address, None if insecure else server_credentials(own), insecure=insecure)
     server.start()
     return server, port
 
@@ -901,13 +939,9 @@ def make_server(
 
 
 class RemoteFedRunner:
-    """The runner :func:`splitfl.train.fit` drives on the server: each ``train_epoch`` is one round over gRPC."""
+    """The runner :func:`splitfl.engine.fit` drives on the server: each ``train_epoch`` is one round over gRPC."""
 
     def __init__(self, fabric: Any, cfg: RunConfig, splits: Any, server: FederationServer, model: torch.nn.Module, join_timeout: float) -> None:
-        from splitfl.fed.flat import FlatSpec
-        from splitfl.metrics import TaskMetrics, make_loss
-        from splitfl.train import make_scheduler
-
         self.fabric, self.cfg, self.server = fabric, cfg, server
         self.core = server.core
         self.model = model
@@ -922,7 +956,7 @@ class RemoteFedRunner:
         self._epsilon_history: list[list[float]] = []
 
     def train_epoch(self, epoch: int, desc: str) -> float:
-        self.server.wait_for_sites(self.join_timeout)
+        self.server.wait_for_sites(self.join_timeout, epoch)
         loss, self._extras = self.server.run_round(epoch, self.lr())
         self.spec.load_into(self.model, self.core.global_flat)
         if self._lr_sched is not None:
@@ -935,8 +969,6 @@ class RemoteFedRunner:
         return loss
 
     def evaluate(self, dataset: Any) -> dict[str, Any]:
-        from splitfl.train import eval_loader
-
         self.model.eval()
         self.metrics.reset()
         with torch.no_grad():
@@ -1005,12 +1037,6 @@ class FedSiteClient:
         connect_timeout: float = 120.0,
         log: Callable[[str], Any] = print,
     ) -> None:
-        from splitfl.data import load_splits, partition_dataset
-        from splitfl.fed.compress import TopKCompressor
-        from splitfl.fed.flat import FlatSpec
-        from splitfl.fed.site import Site
-        from splitfl.metrics import make_loss
-
         self.cfg, self.site, self.log = cfg, site, log
         self.stub = pb_grpc.FederationServiceStub(channel)
         self.out_dir = Path(out_dir)
@@ -1032,8 +1058,6 @@ class FedSiteClient:
         self.secret_ctx = None
         self.context_fp = b""
         if fed.secure == "he":
-            from splitfl.he.keys import load_secret_context
-
             if secret_key_file is None or not Path(secret_key_file).is_file():
                 raise FileNotFoundError(f"fed.secure: he: the consortium's secret key file {secret_key_file} is missing")
             self.secret_ctx = load_secret_context(secret_key_file)
@@ -1058,8 +1082,6 @@ class FedSiteClient:
                 self.rounds_trained = list(state.get("rounds_trained", []))
 
     def _save_state(self) -> None:
-        from splitfl.artifacts import save_checkpoint
-
         save_checkpoint(
             self.out_dir / SITE_STATE,
             {
@@ -1138,8 +1160,6 @@ class FedSiteClient:
         return data
 
     def submit(self, meta: pb.UpdateMeta, parts: list[tuple[int, bytes]]) -> pb.SubmitUpdateResponse:
-        from splitfl.net import new_transfer_id
-
         ids = [new_transfer_id() for _ in parts]
         for (enc, data), tid in zip(parts, ids):
             meta.parts.append(pb.UpdatePart(encoding=enc, transfer_id=tid, size=len(data)))
@@ -1181,8 +1201,6 @@ class FedSiteClient:
             self._save_state()
 
     def _train_round(self, info: pb.RoundInfo) -> None:
-        from splitfl.fed.site import package_update
-
         r = info.round
         flat = vector_from_bytes(self.download(r, pb.MODEL_PART_GLOBAL_MODEL), "global model", self.spec.size)
         self.spec.load_into(self.model, flat)
@@ -1238,9 +1256,7 @@ class FedSiteClient:
                 raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"secure-aggregation message {kind} of round {r + 1} never came")
 
     def _masked_update(self, r: int, update: np.ndarray, n_k: int, loss: float) -> None:
-        """fed.secure masks: the four-step exchange of Bonawitz et al. (splitfl/fed/secagg.py) for this round."""
-        from splitfl.fed import secagg as sa
-        from splitfl.fed.aggregate import check_update
+        """fed.secure masks: the four-step exchange of Bonawitz et al. (splitfl/fed/secagg/) for this round."""
 
         problem = check_update(update, self.spec.size)
         if problem:  # the site's own software screens it before masking; the server sees a dropout
@@ -1263,8 +1279,6 @@ class FedSiteClient:
         self.log(f"[site {self.site}] round {r + 1}: loss {loss:.4f}, masked update sent and unmasked")
 
     def _decrypt(self, info: pb.RoundInfo) -> None:
-        from splitfl.he.aggregation import decrypt_aggregate
-
         r = info.round
         summed = self.download(r, pb.MODEL_PART_ENCRYPTED_AGGREGATE)
         mean, total = decrypt_aggregate(self.secret_ctx, summed, int(self.he_mask.sum()))

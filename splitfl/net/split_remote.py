@@ -27,7 +27,7 @@ Architecture
   ``end_epoch``, ``layers``, ``he``, ``he_mlp``): a :class:`SplitRunner` built
   with ``server_factory=client.bind`` runs the very same hospital code as in
   process.
-* The server runs :func:`splitfl.train.fit` with :class:`RemoteServerRunner`:
+* The server runs :func:`splitfl.engine.fit` with :class:`RemoteServerRunner`:
   ``train_epoch`` coordinates one remote epoch, ``evaluate`` asks one live
   hospital (``TURN_STATE_EVALUATE``) to evaluate the split through the head
   and report the metrics (``ReportEval``), checkpoints hold the head, its
@@ -84,6 +84,22 @@ from typing import Any, Callable, Iterator, Optional
 import grpc
 import torch
 
+from splitfl.artifacts import save_checkpoint, write_bytes, write_csv, write_json
+from splitfl.data import load_splits
+from splitfl.engine import (
+    BEST_MODEL,
+    RunError,
+    best_model_payload,
+    fit,
+    make_fabric,
+    make_optimizer,
+    make_scheduler,
+    write_run_metrics,
+)
+from splitfl.he import HEError
+from splitfl.he.encrypted_head import FullHeadLayout
+from splitfl.he.keys import consortium_secret_context, context_fingerprint, engine_for, load_public_context, params_of
+from splitfl.models import build_split_model
 from splitfl.net import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_REPLAY_WINDOW,
@@ -93,12 +109,28 @@ from splitfl.net import (
     SUPPORTED_VERSIONS,
     ChunkError,
     assemble,
+    max_sequence_jump,
     open_stream,
     split_payload,
 )
+from splitfl.net.certs import load_server_folder, read_token
 from splitfl.net.proto import splitfl_pb2 as pb
 from splitfl.net.proto import splitfl_pb2_grpc as pbg
-from splitfl.split.tensors import ProtocolError
+from splitfl.net.tls import (
+    SiteAuthInterceptor,
+    add_server_port,
+    authenticated_site,
+    channel_credentials,
+    make_channel,
+    server_credentials,
+    site_paths,
+)
+from splitfl.plots import plot_learning_curves
+from splitfl.split.full_server import FullSplitServer
+from splitfl.split.runner import SplitRunner, check_split_cut, full_layout, full_preset, privacy_summary, wire_summary
+from splitfl.split.server import SplitServer
+from splitfl.tensors import ProtocolError
+from splitfl.transcript import TranscriptRecorder
 
 __all__ = [
     "Coordinator",
@@ -232,7 +264,6 @@ class RelaySealer:
 
 def relay_key_material(keys_dir: Path, he: bool) -> bytes:
     """split-he: the consortium secret file; split-plain: ``keys/relay.secret`` (made once, shared by the hospitals)."""
-    from splitfl.artifacts import write_bytes
 
     if he:
         return (keys_dir / "consortium.secret").read_bytes()
@@ -252,9 +283,6 @@ def ensure_consortium_keys(cfg: Any, keys_dir: Any) -> Path:
     keys_dir = Path(keys_dir)
     keys_dir.mkdir(parents=True, exist_ok=True)
     if cfg.regime in HE_REGIMES:
-        from splitfl.he.keys import consortium_secret_context
-        from splitfl.split.runner import full_preset
-
         preset = full_preset(cfg) if cfg.regime == "split-he-full" else cfg.split.he_preset
         consortium_secret_context(keys_dir / "consortium.secret", preset, "split.he_preset")
     elif relay_needed(cfg):
@@ -294,6 +322,13 @@ class _Sessions:
             if seq < 1 or seq in self.seen[site] or seq <= hi - self.window:
                 raise _Abort(grpc.StatusCode.ALREADY_EXISTS, pb.ERROR_CODE_REPLAYED,
                              f"sequence {seq} already used or outside the replay window", highest_sequence=hi)
+
+            jump = max_sequence_jump(self.window)
+            if seq > hi + jump:  # would move the window past every genuine request still to come
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, pb.ERROR_CODE_REPLAYED,
+                             f"sequence {seq} jumps more than {jump} ahead of the session's highest ({hi}); number "
+                             "requests 1, 2, 3, ... within a session (or say Hello again for a new one)",
+                             highest_sequence=hi)
             self.seen[site].add(seq)
             self.highest[site] = max(hi, seq)
             self.seen[site] = {s for s in self.seen[site] if s > self.highest[site] - self.window}
@@ -340,6 +375,10 @@ class Coordinator:
         # outcome, server_s (the head's compute in the step); run_split_server writes them to <out>/steps.csv
         # (read by bench/split_load.py).
         self.step_times: list[dict[str, Any]] = []
+        # Every hospital has come to an epoch of this process: until then a missing one stops the run (it never
+        # joined: a wrong address, credentials, or a join timeout shorter than its start-up); after, one that
+        # goes silent is skipped for the epoch and training goes on.
+        self.all_joined = False
 
     # ---------------------------------------------------------------- called by handlers (under self.cond)
 
@@ -425,16 +464,35 @@ class Coordinator:
         return time.monotonic() - self.last_seen.get(site, 0.0) > timeout
 
     def run_epoch(self, epoch: int) -> tuple[float, int, list[int]]:
-        """Coordinate one training epoch; returns (loss sum, samples, skipped sites)."""
+        """Coordinate one training epoch; returns (loss sum, samples, skipped sites).
+
+        Raises RunError, before anything is trained or recorded, when a hospital never joined this server (the
+        first epoch it runs waits ``join_timeout_s`` for all of them) or when no hospital came to the epoch at
+        all, and after it when the epoch trained no sample: an empty epoch is never handed to the checkpoint.
+        """
         with self.cond:
             self.phase, self.epoch = "train", epoch
             self.counts, self.skipped, self.ended = {}, set(), {}
             self.open_step, self.last_site = None, -1
             self.cond.notify_all()
-            deadline = time.monotonic() + self.join_timeout_s
+            started = time.monotonic()
+            deadline = started + self.join_timeout_s
             while len(self.counts) < self.num_sites and time.monotonic() < deadline:
                 self.cond.wait(0.2)
-            self.skipped |= set(range(self.num_sites)) - set(self.counts)
+            missing = sorted(set(range(self.num_sites)) - set(self.counts))
+            if missing and (not self.all_joined or len(missing) == self.num_sites):
+                self._stop_epoch()
+                names = ", ".join(site_name(s) for s in missing)
+                came = ", ".join(site_name(s) for s in sorted(self.counts)) or "none"
+                what = "never joined" if not self.all_joined else "did not come back"
+                raise RunError(
+                    f"hospital(s) {names} {what}: waited {time.monotonic() - started:.0f} s (join timeout "
+                    f"{self.join_timeout_s:g} s) for all {self.num_sites} hospitals before epoch {epoch + 1}; "
+                    f"came: {came}. Nothing was trained or recorded for epoch {epoch + 1}. Start the missing "
+                    "hospitals (`splitfl join --site N ...`, same config, this server's address) and rerun with "
+                    "the same --out, or give them longer to start with --join-timeout (join_timeout_s)")
+            self.all_joined = True
+            self.skipped |= set(missing)
             while True:
                 if self.open_step is None:
                     nxt = self._next_site()
@@ -468,7 +526,19 @@ class Coordinator:
             self.cond.notify_all()
             loss = sum(v[0] for v in self.ended.values())
             samples = sum(v[1] for v in self.ended.values())
+            if samples == 0:
+                gone = ", ".join(site_name(s) for s in sorted(self.skipped)) or "none"
+                raise RunError(
+                    f"epoch {epoch + 1} trained no sample: no hospital finished its steps (skipped as silent for "
+                    f"{self.turn_timeout_s:g} s: {gone}); refusing to record an empty epoch. Check the hospitals' "
+                    "logs, restart them and rerun the server with the same --out to resume from the last checkpoint")
             return loss, samples, sorted(self.skipped)
+
+    def _stop_epoch(self) -> None:
+        """Close an epoch that will not run (under self.cond): no turn is granted, hospitals wait."""
+        self.phase = "between"
+        self.open_step = None
+        self.cond.notify_all()
 
     def _next_site(self) -> Optional[int]:
         for k in range(1, self.num_sites + 1):
@@ -533,8 +603,6 @@ class SplitServicer(pbg.SplitServiceServicer):
 
     def __init__(self, cfg: Any, run_id: str, head: torch.nn.Module, head_opt: Any, head_sched: Any,
                  coordinator: Coordinator, *, authenticated: bool = True, recorder: Any = None) -> None:
-        from splitfl.split.server import SplitServer
-
         self.cfg, self.run_id, self.fp = cfg, run_id, config_fingerprint(cfg)
         self.mode = _MODES[cfg.regime]
         self.head, self.head_opt, self.head_sched = head, head_opt, head_sched
@@ -558,8 +626,6 @@ class SplitServicer(pbg.SplitServiceServicer):
     # ---------------------------------------------------------------- checks
 
     def _site(self, header: Any, context: grpc.ServicerContext, *, hello: bool = False) -> int:
-        from splitfl.net.tls import authenticated_site
-
         if header.protocol_version not in SUPPORTED_VERSIONS:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_CODE_UNSUPPORTED_VERSION,
                          f"protocol version {header.protocol_version} is not spoken here",
@@ -624,9 +690,6 @@ class SplitServicer(pbg.SplitServiceServicer):
 
     def _check_full_context(self, data: bytes) -> tuple[int, bytes]:
         """split-he-full: (slots, fingerprint) of a public context fit for the encrypted head (HEError if not)."""
-        from splitfl.he import HEError
-        from splitfl.he.encrypted_head import FullHeadLayout
-        from splitfl.he.keys import context_fingerprint, engine_for, load_public_context
 
         ctx = load_public_context(data)  # refuses a context that can decrypt
         eng = engine_for(ctx)
@@ -642,8 +705,6 @@ class SplitServicer(pbg.SplitServiceServicer):
     def _write_public_context(self, data: bytes) -> None:
         """The context the server holds, next to its transcript, so the transcript can be read as it was held."""
         if self.recorder is not None:
-            from splitfl.artifacts import write_bytes
-
             write_bytes(self.recorder.folder / "server_public_context.bin", data, 0o644)
 
     # ---------------------------------------------------------------- split-he-full: the head's state
@@ -687,8 +748,6 @@ class SplitServicer(pbg.SplitServiceServicer):
                          f"{pb.PayloadEncoding.Name(want)}")
 
     def _run(self, fn: Callable[[], Any]) -> Any:
-        from splitfl.he import HEError
-
         try:
             return fn()
         except (ProtocolError, HEError) as e:
@@ -769,9 +828,6 @@ class SplitServicer(pbg.SplitServiceServicer):
 
     @_guard
     def UploadContext(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        from splitfl.he.keys import context_fingerprint
-        from splitfl.split.server import SplitServer
-
         first, chunks = self._open(request_iterator, ("header", "meta"))
         self._site(first.header, context)
         if self.mode == "plain":
@@ -961,7 +1017,6 @@ class SplitServicer(pbg.SplitServiceServicer):
     @_guard
     def UploadWeights(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """split-he-full: the initial enc(W) (builds the head) or a due refresh's re-encryption (closes the step)."""
-        from splitfl.split.full_server import FullSplitServer
 
         first, chunks = self._open(request_iterator, ("header", "meta"))
         site = self._site(first.header, context)
@@ -1041,23 +1096,22 @@ def serve(servicer: SplitServicer, address: str, pki_dir: Any, insecure: bool,
           max_workers: Optional[int] = None) -> tuple[grpc.Server, int]:
     """A started gRPC server for ``servicer`` on ``address`` (mutual TLS + site tokens unless ``insecure``).
 
-    ``max_workers`` defaults to 8 + 3 per hospital (as run_split_server sized it): every waiting hospital holds
+    ``pki_dir`` is the server's own folder (``DIR/server`` of ``splitfl certs``), never the whole PKI
+    (:func:`splitfl.net.certs.load_server_folder` refuses a folder holding a secret); None only with ``insecure``
+    in tests (no tokens at all). ``max_workers`` defaults to 8 + 3 per hospital (as run_split_server sized it): every waiting hospital holds
     a handler thread while it long-polls GetTurn, so with a fixed pool of 16 and more than 15 hospitals the turn
     holder's calls would queue until some poll times out (up to ``poll_ms``, 2 s, per call).
     """
     if max_workers is None:
         max_workers = 8 + 3 * servicer.coord.num_sites
-    from splitfl.net.certs import load_pki
-    from splitfl.net.tls import SiteAuthInterceptor, add_server_port, server_credentials
 
     interceptors = []
     creds = None
     if pki_dir is not None:
-        pki_root = Path(pki_dir)
-        tokens = load_pki(pki_root).tokens if (pki_root / "manifest.json").exists() else pki_root / "tokens.json"
-        interceptors.append(SiteAuthInterceptor(tokens, require_peer_cert=not insecure, exempt=STATUS_METHODS))
+        own = load_server_folder(pki_dir, require_tls=not insecure)  # the server's folder; refused if it holds a secret
+        interceptors.append(SiteAuthInterceptor(own.tokens, require_peer_cert=not insecure, exempt=STATUS_METHODS))
         if not insecure:
-            creds = server_credentials(load_pki(pki_root) if (pki_root / "manifest.json").exists() else pki_root)
+            creds = server_credentials(own)
     else:
         servicer.authenticated = False
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
@@ -1071,7 +1125,7 @@ def serve(servicer: SplitServicer, address: str, pki_dir: Any, insecure: bool,
 
 
 class RemoteServerRunner:
-    """``splitfl.train.fit``'s runner on the server: epochs and evaluations happen at the hospitals."""
+    """``splitfl.engine.fit``'s runner on the server: epochs and evaluations happen at the hospitals."""
 
     def __init__(self, cfg: Any, splits: Any, servicer: SplitServicer, coordinator: Coordinator) -> None:
         self.cfg, self.splits, self.svc, self.coord = cfg, splits, servicer, coordinator
@@ -1182,8 +1236,6 @@ class RemoteServerRunner:
         return dict(self._extras)
 
     def result_extras(self) -> dict[str, Any]:
-        from splitfl.split.runner import privacy_summary, wire_summary
-
         cfg = self.cfg
         out: dict[str, Any] = {
             "protocol": {
@@ -1206,7 +1258,6 @@ class RemoteServerRunner:
 
 def _he_preset(cfg: Any) -> Optional[str]:
     """The CKKS preset of the run, as the in-process runner reports it (None in split-plain)."""
-    from splitfl.split.runner import full_preset
 
     return {"split-he": cfg.split.he_preset, "split-he-full": full_preset(cfg)}.get(cfg.regime)
 
@@ -1217,21 +1268,18 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
 
     Keywords: ``run_id`` (default: from the config fingerprint), ``turn_timeout_s`` (alias ``round_timeout``;
     300: a hospital silent that long while it should act is skipped for the rest of the epoch),
-    ``join_timeout_s`` (600: how long each epoch waits for every hospital's first GetTurn), ``eval_timeout_s``
-    (600), ``finish_grace_s`` (10: how long to wait for every hospital to hear that the run is over),
-    ``on_ready`` (called with the bound port once serving), ``max_workers``. ``pki_dir``: the PKI root or the
-    server's folder (tokens.json, server certificate); never the consortium secret. Rerun on the same
+    ``join_timeout_s`` (600: how long each epoch waits for every hospital's first GetTurn; in the first epoch
+    this server runs every hospital must come, else it stops with a RunError naming the missing ones),
+    ``eval_timeout_s`` (600), ``finish_grace_s`` (10: how long to wait for every hospital to hear that the run
+    is over), ``on_ready`` (called with the bound port once serving), ``max_workers``. ``pki_dir``: the
+    server's own folder (``DIR/server`` of ``splitfl certs``: ca.crt, server.crt, server.key, tokens.json),
+    refused if it holds a secret (the CA key, a consortium secret, a site's key or token). Rerun on the same
     ``out_dir`` to resume from the checkpoint; the hospitals reconnect by themselves.
     """
-
-    from splitfl.data import load_splits
-    from splitfl.models import build_split_model
-    from splitfl.plots import plot_learning_curves
-    from splitfl.split.runner import check_split_cut, full_layout
-    from splitfl.train import RunError, fit, make_fabric, make_optimizer, make_scheduler, write_run_metrics
-
     if cfg.regime not in REGIMES:
         raise RunError(f"run_split_server serves {' / '.join(REGIMES)}, not {cfg.regime!r}")
+    if pki_dir is not None:  # before loading anything: a wrong folder is refused at once
+        load_server_folder(pki_dir, require_tls=not insecure)
     check_split_cut(cfg, remote=True)  # Hello describes the head as affine layers on pooled features
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1258,8 +1306,6 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
                         eval_timeout_s=_kw(kw, "eval_timeout_s", "eval_timeout", 600.0))
     recorder = None
     if cfg.split.transcript:
-        from splitfl.split.transcript import TranscriptRecorder
-
         layers = head.linear_layers()
         recorder = TranscriptRecorder(
             out_dir / "transcript", cfg.split.transcript_max_steps,
@@ -1279,8 +1325,6 @@ def run_split_server(cfg: Any, out_dir: Any, address: str, pki_dir: Any, insecur
         result = fit(fabric, runner, cfg, splits, out_dir, f"{cfg.regime} server")
         coord.finish(_kw(kw, "finish_grace_s", "finish_grace", 10.0))  # tells the hospitals the run is over
     finally:
-        from splitfl.artifacts import write_csv
-
         with coord.cond:
             steps = [dict(r) for r in coord.step_times]
         if steps:  # this process's steps (a resumed server writes only its own)
@@ -1395,8 +1439,6 @@ class RemoteSplitServer:
         fp = b""
         ctx = None
         if mode in ("he", "he-full"):
-            from splitfl.he.keys import context_fingerprint, load_public_context, params_of
-
             ctx = load_public_context(public_context)
             fp = _fp_bytes(context_fingerprint(ctx))
         in_features = head.linear_layers()[0].in_features if hasattr(head, "linear_layers") else head.in_features
@@ -1421,9 +1463,6 @@ class RemoteSplitServer:
 
     def _bind_full(self, r: Any, ctx: Any, public_context: bytes, fp: bytes, batch_capacity: int,
                    initial_weights: Optional[bytes]) -> None:
-        from splitfl.he.encrypted_head import FullHeadLayout
-        from splitfl.he.keys import params_of
-
         if r.batch_capacity != batch_capacity:
             raise ProtocolError(f"the server's encrypted head takes batches of {r.batch_capacity}, this hospital {batch_capacity}")
         self.layout = FullHeadLayout(self.layers[0].in_features, self.layers[0].out_features, batch_capacity,
@@ -1584,7 +1623,6 @@ def _hospital_keys(cfg: Any, out_dir: Path, pki_dir: Any, kw: dict) -> Path:
     ``<pki_dir>/<file>``, ``<pki_dir>/keys/<file>``. Missing everywhere, the runner makes one (fine for a
     single hospital; with several, their keys differ and the server refuses the second at Hello).
     """
-    from splitfl.artifacts import write_bytes
 
     target = out_dir / "keys"
     name = "consortium.secret" if cfg.regime in HE_REGIMES else (RELAY_KEY_FILE if relay_needed(cfg) else None)
@@ -1608,9 +1646,6 @@ def _hospital_keys(cfg: Any, out_dir: Path, pki_dir: Any, kw: dict) -> Path:
 
 
 def _site_channel(server: str, site: int, pki_dir: Any, insecure: bool) -> grpc.Channel:
-    from splitfl.net.certs import read_token
-    from splitfl.net.tls import channel_credentials, make_channel, site_paths
-
     if pki_dir is None:
         return make_channel(server, insecure=insecure)
     sp = site_paths(pki_dir, site_name(site)) if (Path(pki_dir) / "manifest.json").exists() else site_paths(pki_dir)
@@ -1633,9 +1668,6 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
     shared key file first with :func:`ensure_consortium_keys` (two hospitals making it at once would make two
     different keys; the server then refuses one of them at Hello).
     """
-    from splitfl.data import load_splits
-    from splitfl.split.runner import SplitRunner, check_split_cut
-    from splitfl.train import RunError, make_fabric
 
     if cfg.regime not in REGIMES:
         raise RunError(f"run_split_site runs {' / '.join(REGIMES)} hospitals, not {cfg.regime!r}")
@@ -1704,9 +1736,6 @@ def _read_position(path: Path, run_id: str) -> Optional[dict]:
 
 def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, splits: Any, keys_dir: Path,
                run_id: str, fp: bytes, kw: dict) -> None:
-    from splitfl.artifacts import write_json
-    from splitfl.train import RunError
-
     if site >= len(runner.sites):
         raise RunError(f"site {site} does not exist: the partition has {len(runner.sites)} sites")
     relay = relay_needed(cfg)
@@ -1801,8 +1830,6 @@ def _release(cfg: Any, client: RemoteSplitServer, runner: Any, splits: Any, out_
     The same file ``splitfl train`` writes for split-he-full (encoder + released head, config, task, epoch,
     validation AUROC): plaintext weights exist only at the key holders. Returns the ReportEval acknowledgement.
     """
-    from splitfl.artifacts import save_checkpoint
-    from splitfl.train import BEST_MODEL, best_model_payload
 
     client.release_id = int(r.eval_id)
     try:

@@ -28,11 +28,11 @@ Security model
 Make the files with :func:`splitfl.net.certs.make_dev_pki` (``splitfl certs``)
 or take them from the hospitals' PKI. Typical use::
 
-    from splitfl.net.certs import load_pki, read_token
+    from splitfl.net.certs import load_server_folder, read_token
 
-    pki = load_pki("pki")   # server_credentials also takes the server/ folder alone
-    server = grpc.server(pool, interceptors=[SiteAuthInterceptor(pki.tokens)])
-    add_server_port(server, "0.0.0.0:50051", server_credentials(pki))
+    own = load_server_folder("pki/server")   # the server's folder alone; refused if it holds a secret
+    server = grpc.server(pool, interceptors=[SiteAuthInterceptor(own.tokens)])
+    add_server_port(server, "0.0.0.0:50051", server_credentials(own))
 
     site = site_paths("pki/sites/site-0")
     channel = make_channel("server.example:50051", channel_credentials(site.ca_cert, site.cert, site.key),
@@ -59,6 +59,7 @@ from .certs import (
     SITE_URI_PREFIX,
     PkiError,
     PkiPaths,
+    ServerPaths,
     SitePaths,
     hash_token,
     load_pki,
@@ -152,10 +153,12 @@ def _read_pem(src: Pem, what: str) -> bytes:
     return data
 
 
-def _server_files(pki: Union[PkiPaths, PathLike]) -> tuple[Path, Path, Path]:
-    """(ca_cert, server_cert, server_key) of a PkiPaths, a PKI folder or a server bundle folder."""
+def _server_files(pki: Union[PkiPaths, ServerPaths, PathLike]) -> tuple[Path, Path, Path]:
+    """(ca_cert, server_cert, server_key) of a PkiPaths, a ServerPaths, a PKI folder or a server bundle folder."""
     if isinstance(pki, PkiPaths):
         return pki.server_ca_cert, pki.server_cert, pki.server_key
+    if isinstance(pki, ServerPaths):
+        return pki.ca_cert, pki.cert, pki.key
     folder = Path(pki).expanduser()
     if (folder / "manifest.json").is_file():
         p = load_pki(folder)
@@ -168,7 +171,7 @@ def _server_files(pki: Union[PkiPaths, PathLike]) -> tuple[Path, Path, Path]:
 
 
 def server_credentials(
-    pki: Union[PkiPaths, PathLike, None] = None,
+    pki: Union[PkiPaths, ServerPaths, PathLike, None] = None,
     require_client_auth: bool = True,
     *,
     ca_cert: Optional[Pem] = None,
@@ -177,7 +180,9 @@ def server_credentials(
 ) -> grpc.ServerCredentials:
     """gRPC server credentials: the server certificate and key, and the CA that client certificates must chain to.
 
-    ``pki`` is a :class:`PkiPaths`, a PKI folder (with manifest.json) or a
+    ``pki`` is a :class:`PkiPaths`, a :class:`ServerPaths` (what the splitfl
+    servers pass: :func:`splitfl.net.certs.load_server_folder`, which refuses a
+    folder holding secrets), a PKI folder (with manifest.json) or a
     server bundle folder (``ca.crt``, ``server.crt``, ``server.key``); the
     keyword arguments override single files (PEM bytes or paths) or replace
     ``pki`` altogether. With ``require_client_auth`` (default) a client

@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from splitfl.config_help import add_field_help
+
 SOURCE_KINDS: tuple[str, ...] = ("medmnist", "folder", "synthetic")
 # Splits a source may be drawn from: never 'test', the task's held-out evaluation set.
 ALLOWED_SPLITS: tuple[str, ...] = ("train", "val")
@@ -26,8 +28,8 @@ class PretrainError(ValueError):
 class PretrainModelConfig:
     """The timm architecture being pretrained; downstream runs must use the same three keys under ``model``."""
 
-    name: str = "resnet18"
-    small_input_stem: bool = False
+    name: str = "resnet18"  # timm model name (timm.list_models())
+    small_input_stem: bool = False  # 3x3 stride-1 stem without max-pool for tiny images (as model.small_input_stem)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {patch_size: 4} for a ViT on 28 px images
 
 
@@ -46,15 +48,18 @@ class SourceConfig:
     ``split`` column; ``test`` is refused.
     """
 
+    # a MedMNIST file, a folder or CSV manifest, or the generator
     kind: Literal["medmnist", "folder", "synthetic"] = "synthetic"
-    splits: Optional[list[str]] = None
-    flag: Optional[str] = None
-    root: Optional[str] = None
+    splits: Optional[list[str]] = None  # train and/or val (None: [train], a folder: all); test is refused
+    flag: Optional[str] = None  # medmnist: dataset flag, e.g. retinamnist
+    root: Optional[str] = None  # medmnist: folder of the .npz files (default: $SPLITFL_MEDMNIST_DIR)
+    # px; medmnist: file variant (28/64/128/224; None: 28), synthetic: render size (None: img_size, min 16)
     size: Optional[int] = None
+    # medmnist: on an MD5 mismatch warn, refuse (strict) or skip (off)
     md5_check: Literal["warn", "strict", "off"] = "warn"
-    path: Optional[str] = None
-    modality: Literal["xray", "fundus", "histology"] = "xray"
-    n: int = 2000
+    path: Optional[str] = None  # folder: a folder of PNG/JPEG files or a CSV manifest with a path column
+    modality: Literal["xray", "fundus", "histology"] = "xray"  # synthetic: which modality to generate
+    n: int = 2000  # synthetic: images generated per split
     max_images: Optional[int] = None  # keep a random (seeded) subset of at most this many images
     seed: int = 0  # synthetic generator seed and the max_images subset seed
 
@@ -63,28 +68,28 @@ class SourceConfig:
 class PretrainTrainConfig:
     """Optimisation (AdamW, linear warmup then cosine decay per step) and hardware."""
 
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1.5e-3
+    epochs: int = 30  # passes over the pooled sources
+    batch_size: int = 256  # images per step (SimCLR: 2 views each)
+    lr: float = 1.5e-3  # peak AdamW learning rate, reached after the warmup
     min_lr: float = 1e-5  # the cosine ends here
     warmup_epochs: float = 2.0  # linear warmup from 0, may be fractional
     weight_decay: float = 0.05  # not applied to biases, norms, position embeddings and tokens (1-d tensors)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    accelerator: str = "auto"
-    devices: int = 1
-    precision: str = "32-true"
-    progress: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    accelerator: str = "auto"  # Lightning Fabric accelerator: auto, cpu, cuda, mps, ...
+    devices: int = 1  # Lightning Fabric devices
+    precision: str = "32-true"  # Lightning Fabric precision, e.g. 32-true, bf16-mixed
+    progress: bool = True  # show progress bars
 
 
 @dataclass
 class MAEConfig:
     """Masked autoencoder (He et al. 2022): the encoder sees the visible patches, a light decoder predicts all pixels."""
 
-    mask_ratio: float = 0.75
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    decoder_mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75  # share of each image's patches hidden from the encoder
+    decoder_dim: int = 128  # decoder token width
+    decoder_depth: int = 2  # decoder transformer blocks
+    decoder_heads: int = 4  # decoder attention heads (must divide decoder_dim)
+    decoder_mlp_ratio: float = 4.0  # decoder MLP hidden width, as a multiple of decoder_dim
     decoder_pos_embed: Literal["sincos", "learned"] = "sincos"  # fixed 2-D sin-cos, or learned (sin-cos init)
     norm_pix_loss: bool = True  # targets: each patch's pixels normalised by the patch's own mean and std
 
@@ -97,20 +102,20 @@ class SimCLRConfig:
     set for 28-64 px medical images (SimCLR's blur sigma of 0.1-2 px was for 224 px images).
     """
 
-    temperature: float = 0.2
-    proj_hidden: int = 512
-    proj_dim: int = 128
-    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # area fraction of the random crop
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])  # its aspect ratio
-    flip_p: float = 0.5
-    jitter_p: float = 0.8  # colour jitter (RGB) or brightness-contrast (grey)
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4  # RGB only
-    hue: float = 0.1  # RGB only, fraction of a full turn
-    grayscale_p: float = 0.2  # RGB only
-    blur_p: float = 0.5
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.0])  # Gaussian blur sigma in pixels
+    temperature: float = 0.2  # NT-Xent softmax temperature
+    proj_hidden: int = 512  # projection MLP hidden width
+    proj_dim: int = 128  # projection output width (where the loss is computed)
+    crop_scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # [min, max] area fraction of the random crop
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])  # [min, max] crop aspect ratio
+    flip_p: float = 0.5  # probability of a horizontal flip
+    jitter_p: float = 0.8  # probability of colour jitter (RGB) or brightness-contrast jitter (grey)
+    brightness: float = 0.4  # jitter strength: factor drawn from [1 - x, 1 + x]
+    contrast: float = 0.4  # jitter strength: factor drawn from [1 - x, 1 + x]
+    saturation: float = 0.4  # RGB only: jitter strength, factor drawn from [1 - x, 1 + x]
+    hue: float = 0.1  # RGB only: hue rotated by up to +-x of a full turn
+    grayscale_p: float = 0.2  # RGB only: probability of turning the view grey
+    blur_p: float = 0.5  # probability of a Gaussian blur
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.0])  # [min, max] Gaussian blur sigma in pixels
 
 
 def _default_sources() -> list[SourceConfig]:
@@ -121,12 +126,12 @@ def _default_sources() -> list[SourceConfig]:
 class PretrainConfig:
     """One pretraining job."""
 
-    method: Literal["mae", "simclr"] = "simclr"
-    seed: int = 0
+    method: Literal["mae", "simclr"] = "simclr"  # mae (for ViTs) or simclr (for CNNs)
+    seed: int = 0  # seed of weight initialisation, batch order, augmentations and masks
     img_size: int = 28  # every source is resized to this
     channels: int = 3  # every source is brought to this: 1 (grey) or 3 (grey repeated / RGB)
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
-    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    sources: list[SourceConfig] = field(default_factory=_default_sources)  # image sets pooled for pretraining
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
@@ -232,6 +237,7 @@ def build_pretrain_parser() -> Any:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the keys below (see configs/pretrain/)")
     parser.add_class_arguments(PretrainConfig)
+    add_field_help(parser, PretrainConfig)
     parser.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
     return parser
 

@@ -17,22 +17,19 @@ from typing import Any
 
 import torch
 import yaml
-from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from timm.optim import param_groups_weight_decay
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from splitfl.artifacts import save_checkpoint, write_csv, write_json, write_text
 from splitfl.config import TrainConfig
+from splitfl.engine import epoch_loader, load_resume_state, make_fabric, train_one_epoch
 from splitfl.models import create_model
 from splitfl.pretrain.config import PretrainConfig, PretrainError, PretrainTrainConfig, load_pretrain_config, validate
 from splitfl.pretrain.mae import build_mae
 from splitfl.pretrain.outputs import ENCODER, plot_loss_curve, save_encoder
 from splitfl.pretrain.simclr import build_simclr
 from splitfl.pretrain.sources import load_images
-from splitfl.train import epoch_loader, load_resume_state, make_fabric
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -71,7 +68,7 @@ def make_optimizer(method: nn.Module, tcfg: PretrainTrainConfig) -> torch.optim.
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    """Batches per epoch of :func:`splitfl.train.epoch_loader` (it drops the last partial batch)."""
+    """Batches per epoch of :func:`splitfl.engine.epoch_loader` (it drops the last partial batch)."""
     return n_images // batch_size if n_images > batch_size else 1
 
 
@@ -102,37 +99,6 @@ def resume_key(cfg: PretrainConfig) -> dict[str, Any]:
     d = config_dict(cfg)
     d["train"] = {k: v for k, v in d["train"].items() if k != "progress"}
     return d
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def train_one_epoch(
-    fabric: Fabric,
-    method: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
-    desc: str,
-    progress: bool,
-) -> float:
-    """One pass over the images; returns the mean loss per image."""
-    method.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and fabric.is_global_zero))
-    for images in bar:
-        optimizer.zero_grad(set_to_none=True)
-        loss = method(images, generator)
-        if not torch.isfinite(loss):
-            raise PretrainError(f"{desc}: loss became {loss.item()}; lower train.lr or check the images")
-        fabric.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        total += loss.item() * len(images)
-        count += len(images)
-        bar.set_postfix(loss=f"{total / count:.4f}")
-    return total / max(count, 1)
 
 
 def _load_checkpoint(path: Path, cfg: PretrainConfig, sources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -178,7 +144,7 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
     ckpt_path = out_dir / CHECKPOINT
-    if ckpt_path.exists():  # loaded after setup, as splitfl.train does: the state lands on the model's device
+    if ckpt_path.exists():  # loaded after setup, as splitfl.engine.fit does: the state lands on the model's device
         state = _load_checkpoint(ckpt_path, cfg, sources)
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
@@ -192,7 +158,8 @@ def run(cfg: PretrainConfig, out: str | Path) -> dict[str, Any]:
         loader = fabric.setup_dataloaders(epoch_loader(data, tcfg.batch_size, cfg.seed, epoch))
         generator = epoch_generator(cfg.seed, epoch, fabric.global_rank)
         desc = f"[pretrain {cfg.method}] epoch {epoch + 1}/{tcfg.epochs}"
-        loss = train_one_epoch(fabric, model, loader, optimizer, scheduler, generator, desc, tcfg.progress)
+        loss = train_one_epoch(fabric, model, loader, optimizer, lambda images: (model(images, generator), len(images)),
+                               desc, tcfg.progress, step_scheduler=scheduler, error=PretrainError)
         seconds = time.perf_counter() - t_epoch
         train_seconds += seconds
         history.append({"epoch": epoch + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})

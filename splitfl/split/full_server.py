@@ -11,8 +11,10 @@ from __future__ import annotations
 import struct
 from typing import Any, Optional
 
-from splitfl.split.tensors import ProtocolError
-from splitfl.split.transcript import TranscriptRecorder
+from splitfl.he.encrypted_head import EncryptedLinearHead, FullHeadLayout
+from splitfl.he.keys import load_public_context, params_of
+from splitfl.tensors import ProtocolError
+from splitfl.transcript import TranscriptRecorder
 
 _MAGIC = b"SFCT"  # a list of SEAL ciphertexts
 
@@ -61,9 +63,6 @@ class FullSplitServer:
 
     def __init__(self, public_context: bytes, in_features: int, num_classes: int, batch_capacity: int,
                  initial_weights: bytes, refresh_every: int, recorder: Optional[TranscriptRecorder] = None) -> None:
-        from splitfl.he.encrypted_head import EncryptedLinearHead, FullHeadLayout
-        from splitfl.he.keys import load_public_context, params_of
-
         self.context = load_public_context(public_context)
         self.layout = FullHeadLayout(in_features, num_classes, batch_capacity, params_of(self.context).slots)
         weights = unpack_weight_rows(initial_weights, self.layout)

@@ -15,22 +15,29 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from torch import nn
 from lightning.fabric import Fabric
 from opacus.accountants import RDPAccountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
 from tqdm.auto import tqdm
 
+from splitfl.artifacts import write_bytes
 from splitfl.config import RunConfig
 from splitfl.data import DataSplits, partition_dataset
 from splitfl.data.base import ArrayDataset
+from splitfl.engine import RunError, epoch_loader, fit, make_optimizer, make_scheduler
+from splitfl.he.encrypted_head import FullHeadHospital, FullHeadLayout, full_public_context_bytes
+from splitfl.he.keys import consortium_secret_context, params_of, public_context_bytes
+from splitfl.he.mlp import MLP_DEPTH, PackedMLPHE, mlp_public_context_bytes
+from splitfl.he.params import HEError, check_depth, get_preset
 from splitfl.metrics import TaskMetrics, make_loss
 from splitfl.models import build_split_model
 from splitfl.models.embeddings import encode_images
+from splitfl.plots import plot_learning_curves
+from splitfl.split.full_server import FullSplitServer, pack_weight_rows
 from splitfl.split.server import SplitServer
-from splitfl.split.transcript import RelayRecorder, TranscriptRecorder
 from splitfl.split.transport import FullHETransport, HETransport, PlainTransport
-from splitfl.train import epoch_loader
+from splitfl.transcript import RelayRecorder, TranscriptRecorder
 
 SECRET_CONTEXT = "keys/consortium.secret"
 
@@ -41,7 +48,6 @@ def check_split_cut(cfg: RunConfig, remote: bool = False) -> None:
     ``remote``: the gRPC split service, whose handshake describes the head as affine layers on pooled
     features, so a stage cut runs in-process only.
     """
-    from splitfl.train import RunError
 
     if cfg.regime == "split-he-full" and cfg.model.cut != "pooled":
         raise RunError(f"model.cut={cfg.model.cut!r}: split-he-full trains an encrypted linear head on pooled features; "
@@ -69,9 +75,6 @@ def full_layout(cfg: RunConfig, in_features: int, num_classes: int) -> Any:
     configuration is refused the same way wherever it is run: Adam / momentum / weight decay (the server
     applies no plaintext scalar), DP, a batch size that is not a power of two, a preset with one rescale.
     """
-    from splitfl.he.encrypted_head import FullHeadLayout
-    from splitfl.he.params import HEError, get_preset
-    from splitfl.train import RunError
 
     tcfg = cfg.train
     if tcfg.optimizer != "sgd" or tcfg.momentum != 0 or tcfg.weight_decay != 0:
@@ -102,7 +105,6 @@ class SplitRunner:
         """``server_factory`` (default :class:`SplitServer`) is called with SplitServer's arguments and returns
         the object the transports talk to: a remote stub (``splitfl.net.split_remote``) makes this runner a
         hospital of a run whose head lives in another process."""
-        from splitfl.train import RunError, make_optimizer, make_scheduler
 
         self.fabric, self.cfg, self.task = fabric, cfg, splits.task
         check_split_cut(cfg)
@@ -155,8 +157,6 @@ class SplitRunner:
         if self.full:
             self.server, self.transport = self._full_parties(out_dir, recorder, server_factory)
         elif self.he:
-            from splitfl.he.keys import consortium_secret_context, public_context_bytes
-
             # The consortium's key: made once by the hospitals, kept in a file the server never receives.
             secret = consortium_secret_context(out_dir / SECRET_CONTEXT, scfg.he_preset, "split.he_preset")
             public = public_context_bytes(secret)
@@ -164,7 +164,6 @@ class SplitRunner:
             if self.noninteractive:
                 public = self._noninteractive_public_context(secret, head)
             if recorder is not None:  # the server's public context, so the transcript can be read as it was held
-                from splitfl.artifacts import write_bytes
 
                 write_bytes(recorder.folder / "server_public_context.bin", public, 0o644)
             self.server = make_server(head, head_opt, head_sched, "he", public, cfg.train.batch_size, recorder)
@@ -200,10 +199,6 @@ class SplitRunner:
         it is called as SplitServer's factory with mode ``"he-full"`` and the packed initial ``enc(W)``, which
         the stub uploads if the remote server still needs them.
         """
-        from splitfl.he.encrypted_head import FullHeadHospital, full_public_context_bytes
-        from splitfl.he.keys import consortium_secret_context, params_of
-        from splitfl.split.full_server import FullSplitServer, pack_weight_rows
-        from splitfl.train import RunError
 
         cfg, tcfg = self.cfg, self.cfg.train
         lin = self.head_layers[0]
@@ -214,8 +209,6 @@ class SplitRunner:
                            f"{layout.slots}: the key file was made for another preset")
         public = full_public_context_bytes(secret, layout)
         if recorder is not None:
-            from splitfl.artifacts import write_bytes
-
             write_bytes(recorder.folder / "server_public_context.bin", public, 0o644)
         initial = pack_weight_rows(FullHeadHospital(secret, layout).encrypt_weights(lin.weight, lin.bias))
         if server_factory is None:
@@ -228,10 +221,6 @@ class SplitRunner:
 
     def _noninteractive_public_context(self, secret: Any, head: nn.Module) -> bytes:
         """Public context with relinearisation and exactly the Galois keys the polynomial MLP head needs."""
-        from splitfl.he.keys import params_of
-        from splitfl.he.mlp import MLP_DEPTH, PackedMLPHE, mlp_public_context_bytes
-        from splitfl.he.params import check_depth
-        from splitfl.train import RunError
 
         coeffs = getattr(getattr(head, "act", None), "coeffs", None)
         if coeffs is None or len(coeffs) > 3:
@@ -367,7 +356,7 @@ class SplitRunner:
                 self._relay.record(relay_step, site, self.enc_opt.param_groups[0]["lr"], self._encoder_flat())
         return float(loss.item())
 
-    # ------------------------------------------------------------------ runner protocol (see splitfl.train.fit)
+    # ------------------------------------------------------------------ runner protocol (see splitfl.engine.fit)
 
     def train_epoch(self, epoch: int, desc: str) -> float:
         self.split_model.train()
@@ -546,3 +535,15 @@ def privacy_summary(cfg: RunConfig, epsilon_per_site: list[float]) -> dict[str, 
 def full_preset(cfg: RunConfig) -> str:
     """split-he-full's CKKS preset: ``full`` unless split.he_preset names another (checked for two rescales)."""
     return "full" if cfg.split.he_preset == "default" else cfg.split.he_preset
+
+
+def run_split(fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path) -> dict[str, Any]:
+    """split-plain / split-he: hospitals hold encoders, data and labels; the server holds the head."""
+    fabric.seed_everything(cfg.seed, verbose=False)
+    runner = SplitRunner(fabric, cfg, splits, out_dir)
+    try:
+        result = fit(fabric, runner, cfg, splits, out_dir, cfg.regime)
+    finally:
+        runner.close()
+    plot_learning_curves({cfg.regime: result["history"]}, out_dir / "learning_curves.png", f"{cfg.regime}: {splits.task.name}")
+    return {k: v for k, v in result.items() if k != "history"}

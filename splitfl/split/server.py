@@ -12,8 +12,12 @@ from typing import Any, Literal, Optional
 import torch
 from torch import nn
 
-from splitfl.split.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
-from splitfl.split.transcript import TranscriptRecorder
+from splitfl.he.keys import load_public_context, params_of
+from splitfl.he.linear import PackedLinearHE
+from splitfl.he.mlp import PackedMLPHE
+from splitfl.he.wire import EncryptedBatch
+from splitfl.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
+from splitfl.transcript import TranscriptRecorder
 
 Mode = Literal["plain", "he"]
 
@@ -69,9 +73,6 @@ class SplitServer:
         self.he_layers: list[Any] = []
         self.context = None
         if mode == "he":
-            from splitfl.he.keys import load_public_context, params_of
-            from splitfl.he.linear import PackedLinearHE
-
             if public_context is None:
                 raise ProtocolError("split-he server needs the consortium's public context")
             self.context = load_public_context(public_context)
@@ -80,8 +81,6 @@ class SplitServer:
             self.he_mlp = None
             coeffs = getattr(getattr(head, "act", None), "coeffs", None)
             if len(layers) == 2 and coeffs is not None and len(coeffs) <= 3:
-                from splitfl.he.mlp import PackedMLPHE
-
                 self.he_mlp = PackedMLPHE(layers[0].in_features, layers[0].out_features, layers[1].out_features,
                                           batch_capacity, slots, tuple(coeffs))
 
@@ -121,8 +120,6 @@ class SplitServer:
                     logits = self.head(x)
             reply = tensor_to_bytes(logits)
         else:
-            from splitfl.he.wire import EncryptedBatch
-
             lin = self._layer(layer)
             enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="activations", expect_dim=lin.in_features)
             reply = self.he_layers[layer].forward(enc, *self._weights(layer)).to_bytes()
@@ -151,8 +148,6 @@ class SplitServer:
             self._saved = None
             reply = tensor_to_bytes(x.grad)
         else:
-            from splitfl.he.wire import EncryptedBatch
-
             lin = self._layer(layer)
             enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="logit_grads", expect_dim=lin.out_features)
             reply = self.he_layers[layer].backward_input(enc, self._weights(layer)[0]).to_bytes()
@@ -169,7 +164,6 @@ class SplitServer:
         """
         if self.mode != "he" or getattr(self, "he_mlp", None) is None:
             raise ProtocolError("non-interactive prediction needs split-he with an MLP head whose activation is a polynomial")
-        from splitfl.he.wire import EncryptedBatch
 
         enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="activations", expect_dim=self.layers[0].in_features)
         (w1, b1), (w2, b2) = self._weights(0), self._weights(1)

@@ -10,8 +10,13 @@ from typing import Any
 
 import torch
 
+from splitfl.he.encrypted_head import FullHeadHospital
+from splitfl.he.linear import PackedLinearHE
+from splitfl.he.mlp import PackedMLPHE
+from splitfl.he.wire import EncryptedBatch
+from splitfl.split.full_server import pack_ciphertexts, pack_weight_rows, unpack_ciphertexts, unpack_weight_rows
 from splitfl.split.server import SplitServer
-from splitfl.split.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
+from splitfl.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
 
 __all__ = ["FullHETransport", "HETransport", "PlainTransport", "ProtocolError"]
 
@@ -58,7 +63,6 @@ class HETransport(_Counting):
 
     def __init__(self, server: SplitServer, secret_context: Any, batch_capacity: int) -> None:
         super().__init__(server)
-        from splitfl.he.linear import PackedLinearHE
 
         if server.he is None:
             raise ProtocolError("split-he transport needs a server in 'he' mode")
@@ -72,7 +76,6 @@ class HETransport(_Counting):
 
     def forward(self, inputs: torch.Tensor, train: bool = True, layer: int = 0) -> torch.Tensor:
         """Encrypted inputs of one affine layer up, its decrypted outputs back."""
-        from splitfl.he.wire import EncryptedBatch
 
         he, outs = self.layers[layer], []
         for chunk in self._chunks(inputs):
@@ -86,7 +89,6 @@ class HETransport(_Counting):
 
     def input_grad(self, grad_out: torch.Tensor, layer: int) -> torch.Tensor:
         """Encrypted dL/d(output of a layer) up, decrypted dL/d(its input) back (pre-update weights)."""
-        from splitfl.he.wire import EncryptedBatch
 
         he, outs = self.layers[layer], []
         for chunk in self._chunks(grad_out):
@@ -100,8 +102,6 @@ class HETransport(_Counting):
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits of a polynomial MLP head in one round trip per chunk (see SplitServer.predict)."""
-        from splitfl.he.mlp import PackedMLPHE
-        from splitfl.he.wire import EncryptedBatch
 
         srv = self.server.he_mlp
         if srv is None:
@@ -130,15 +130,11 @@ class FullHETransport(_Counting):
     """
 
     def __init__(self, server: Any, secret_context: Any) -> None:
-        from splitfl.he.encrypted_head import FullHeadHospital
-
         super().__init__(server)
         self.hospital = FullHeadHospital(secret_context, server.layout)
         self.capacity = server.layout.batch_size
 
     def forward(self, feats: torch.Tensor, train: bool = True) -> torch.Tensor:
-        from splitfl.split.full_server import pack_ciphertexts, unpack_ciphertexts
-
         if train and len(feats) > self.capacity:
             raise ProtocolError(f"a training batch of {len(feats)} exceeds the encrypted head's capacity {self.capacity}")
         out = []
@@ -153,7 +149,6 @@ class FullHETransport(_Counting):
 
     def backward(self, grad_logits: torch.Tensor, lr: float, input_grad: bool) -> torch.Tensor | None:
         """Send ``enc(lr G)``; the server updates its encrypted head; dL/dx back when the encoder trains."""
-        from splitfl.split.full_server import pack_ciphertexts, unpack_ciphertexts
 
         msg = pack_ciphertexts(self.hospital.encrypt_logit_grads(grad_logits.detach().cpu().double(), lr))
         self._send(msg)
@@ -168,7 +163,6 @@ class FullHETransport(_Counting):
         """Decrypt and re-encrypt the worn head when the server asks for it (counted by the server)."""
         if not self.server.needs_refresh():
             return False
-        from splitfl.split.full_server import pack_weight_rows
 
         msg = pack_weight_rows(self.hospital.encrypt_weights(*self.release()))
         self._send(msg)
@@ -177,13 +171,11 @@ class FullHETransport(_Counting):
 
     def restore(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Put a released head (the best epoch's) back on the server, freshly encrypted; not a refresh."""
-        from splitfl.split.full_server import pack_weight_rows
 
         self.server.restore_weights(pack_weight_rows(self.hospital.encrypt_weights(weight, bias)), fresh=True)
 
     def release(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The key holders decrypt the server's head: (weight, bias) in plaintext, at the hospitals only."""
-        from splitfl.split.full_server import unpack_weight_rows
 
         data = self.server.export_weights()
         self._receive(data)

@@ -819,7 +819,7 @@ class FederationServiceServicer:
 
     def SecAggSubmit(self, request_iterator, context):
         """fed.secure=masks, site -> server: AdvertiseKeys, ShareKeys, MaskedInput
-        or UnmaskResponse bytes (splitfl/fed/secagg.py), chunked.
+        or UnmaskResponse bytes (splitfl/fed/secagg/messages.py), chunked.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from splitfl.artifacts import _atomic
+from splitfl.artifacts import _atomic, write_bytes
+from splitfl.tensors import tensor_to_bytes
 
 
 class TranscriptRecorder:
@@ -76,9 +77,6 @@ class RelayRecorder:
     """
 
     def __init__(self, folder: str | Path, initial: "torch.Tensor") -> None:
-        from splitfl.artifacts import write_bytes
-        from splitfl.split.tensors import tensor_to_bytes
-
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._index = self.folder / "index.jsonl"
@@ -86,9 +84,6 @@ class RelayRecorder:
             write_bytes(self.folder / "initial.bin", tensor_to_bytes(initial), 0o644)
 
     def record(self, step: int, site: int, lr: float, weights: "torch.Tensor") -> None:
-        from splitfl.artifacts import write_bytes
-        from splitfl.split.tensors import tensor_to_bytes
-
         name = f"{step:06d}.bin"
         write_bytes(self.folder / name, tensor_to_bytes(weights), 0o644)
         with open(self._index, "a", encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """Rebuild the model a training run released, whatever its regime, from the run's own files.
 
-Every regime writes ``best_model.pt`` (:func:`splitfl.train.best_model_payload`): the model's state,
+Every regime writes ``best_model.pt`` (:func:`splitfl.engine.best_model_payload`): the model's state,
 the run config and the task. The model is rebuilt exactly as the run built it (the federated
 regimes swap BatchNorm for GroupNorm; split regimes keep encoder and head under one module) and
 the weights are loaded strictly, so a report is always about the weights that were evaluated.
@@ -16,6 +16,11 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from splitfl.config import run_config_from_dict
+from splitfl.data.base import TaskInfo
+from splitfl.fed.server import build_fed_model
+from splitfl.models import build_split_model
 
 FED_REGIMES = ("fedavg", "fedprox")
 
@@ -80,8 +85,6 @@ def _read_payload(path: Path) -> dict[str, Any]:
 
 def build_run_model(cfg: Any, task: Any) -> nn.Module:
     """The untrained module of the run's regime (no pretrained file is read: the run's weights replace it)."""
-    from splitfl.fed.server import build_fed_model
-    from splitfl.models import build_split_model
 
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))
     if cfg.regime in FED_REGIMES:
@@ -91,8 +94,6 @@ def build_run_model(cfg: Any, task: Any) -> nn.Module:
 
 def load_run(run_dir: str | Path) -> TrainedRun:
     """The model of ``run_dir/best_model.pt`` in eval mode, with its config, task and metrics."""
-    from splitfl.compare import run_config_from_dict
-    from splitfl.data.base import TaskInfo
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -6,7 +6,7 @@ timm model and a sample count; each variant is run once per repeat, in turn,
 and each time is the median over the repeats.
 
 * plaintext: each site serialises its flat update as a split-plain tensor
-  message (``splitfl.split.tensors``, float32); the server parses them,
+  message (``splitfl.tensors``, float32); the server parses them,
   computes the weighted mean and the new global model and serialises it
   once; each site parses the model it receives;
 * HE, all parameters: each site :func:`~splitfl.he.aggregation.encrypt_update`,
@@ -40,8 +40,8 @@ import numpy as np
 import tenseal as ts
 import torch
 
-from ..split.tensors import tensor_from_bytes, tensor_to_bytes
-from .aggregation import (
+from splitfl.artifacts import write_json
+from splitfl.he.aggregation import (
     AGGREGATION_PRESET,
     capacity,
     decrypt_aggregate,
@@ -50,8 +50,9 @@ from .aggregation import (
     sum_encrypted,
     values_per_ciphertext,
 )
-from .keys import create_secret_context, load_public_context, public_context_bytes
-from .params import get_preset
+from splitfl.he.keys import create_secret_context, load_public_context, public_context_bytes
+from splitfl.he.params import get_preset
+from splitfl.tensors import tensor_from_bytes, tensor_to_bytes
 
 __all__ = ["DEFAULT_PARTIAL", "format_table", "main", "run_benchmark"]
 
@@ -336,8 +337,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     print(format_table(result))
     if args.json:
-        from ..artifacts import write_json
-
         write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return result

@@ -4,7 +4,7 @@ Everything runs in one process on the same data (batch ``B`` x ``d`` features,
 ``K`` classes); each time is the median of ``--repeats`` runs after warm-up.
 
 * plaintext: ``F.linear`` alone, and the split-plain round trip in its real
-  wire format (``splitfl.split.tensors``: activations to float32 bytes and
+  wire format (``splitfl.tensors``: activations to float32 bytes and
   back, server linear, logits to bytes and back);
 * per-sample CKKS (earlier HE split-learning code): one ``CKKSVector`` per
   sample and TenSEAL's ``vector @ W.T`` (rotations, Galois keys); timed on a
@@ -33,11 +33,14 @@ import tenseal as ts
 import torch
 import torch.nn.functional as F
 
-from ..split.tensors import tensor_from_bytes, tensor_to_bytes
-from .keys import create_secret_context, load_public_context, public_context_bytes
-from .linear import PackedLinearHE
-from .params import get_preset, max_abs_value
-from .wire import EncryptedBatch
+from splitfl.artifacts import write_json
+from splitfl.he.encrypted_head import EncryptedLinearHead, FullHeadHospital, FullHeadLayout, full_public_context_bytes
+from splitfl.he.keys import create_secret_context, load_public_context, public_context_bytes
+from splitfl.he.linear import PackedLinearHE
+from splitfl.he.mlp import PackedMLPHE, mlp_public_context_bytes
+from splitfl.he.params import get_preset, max_abs_value
+from splitfl.he.wire import EncryptedBatch
+from splitfl.tensors import tensor_from_bytes, tensor_to_bytes
 
 __all__ = ["main", "run_benchmark", "format_table", "run_mlp_benchmark"]
 
@@ -77,7 +80,7 @@ def run_benchmark(
     t["plain_compute"], _ = _median(lambda: F.linear(x, w, b), max(200, repeats))
 
     def plain_round() -> torch.Tensor:
-        """split-plain's real wire format (splitfl.split.tensors): float32 + shape header, checked on receipt."""
+        """split-plain's real wire format (splitfl.tensors): float32 + shape header, checked on receipt."""
         xs = tensor_from_bytes(tensor_to_bytes(x), "activations", (None, dim))  # hospital -> server
         reply = tensor_to_bytes(F.linear(xs, w, b))  # server -> hospital
         return tensor_from_bytes(reply, "logits", (batch, classes))
@@ -221,7 +224,7 @@ def run_benchmark(
             "statistic": "median after 2 warm-up runs",
             "headline_round": "packed forward round with fresh weights (weights encoded inside the round)",
             "plaintext_reference": (
-                "split-plain round (splitfl.split.tensors): activations to float32 bytes and back + linear + "
+                "split-plain round (splitfl.tensors): activations to float32 bytes and back + linear + "
                 "logits to bytes and back"
             ),
         },
@@ -310,7 +313,6 @@ def format_table(r: dict[str, Any]) -> str:
 
 def run_mlp_benchmark(batch: int, dim: int, classes: int, hidden: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
     """The encrypted MLP head (square activation, 'deep' preset) against the same head in torch."""
-    from .mlp import PackedMLPHE, mlp_public_context_bytes
 
     params = get_preset("deep")
     g = torch.Generator().manual_seed(seed)
@@ -354,7 +356,6 @@ def run_full_benchmark(batch: int = 64, dim: int = 512, classes: int = 5, repeat
       server applies the hospital's batch-aggregated plaintext update;
     * split-he-full: weights encrypted too (preset ``full``), the update computed on ciphertexts.
     """
-    from .encrypted_head import EncryptedLinearHead, FullHeadHospital, FullHeadLayout, full_public_context_bytes
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dim, generator=g).double()
@@ -452,7 +453,6 @@ def run_full_drift(updates: int = 3000, dim: int = 32, classes: int = 2, batch: 
     The gradients are fixed random ones (the drift is the CKKS noise of the update path, not the model), so
     the plaintext reference is exact. Small head: thousands of updates take a few minutes.
     """
-    from .encrypted_head import EncryptedLinearHead, FullHeadHospital, FullHeadLayout, full_public_context_bytes
 
     params = get_preset("full")
     ctx = create_secret_context(params)
@@ -538,8 +538,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"\nsplit-he-full drift from plaintext SGD without refresh (max |error| after N updates; in brackets "
               f"how much larger without cancelling the batch sum's key-switching error): {points} ({drift['seconds']:.0f} s)")
     if args.json:
-        from ..artifacts import write_json
-
         write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return result

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from splitfl.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, SplitConfig, TrainConfig
+from splitfl.train import run
 
 
 def _config(regime: str, args: argparse.Namespace) -> RunConfig:
@@ -33,8 +34,6 @@ def _config(regime: str, args: argparse.Namespace) -> RunConfig:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from splitfl.train import run
-
     times: dict[str, list[float]] = {"split-plain": [], "split-he": []}
     wire: dict[str, dict[str, float]] = {}
     auroc: dict[str, float] = {}

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from splitfl.artifacts import write_json
 from splitfl.config import (
     DataConfig,
     ModelConfig,
@@ -53,6 +54,7 @@ from splitfl.config import (
     SplitConfig,
     TrainConfig,
 )
+from splitfl.net.launch import free_port, prepare, server_command, site_command, start, write_config
 
 __all__ = ["format_table", "judge", "load_config", "main", "run_benchmark", "summarise"]
 
@@ -160,13 +162,6 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def _run_one(args: argparse.Namespace, n: int, root: Path, pki: Path, bar: Any) -> dict[str, Any]:
     """Server + n hospitals as processes until the run ends (or ``--timeout``); raw measurements."""
-    from splitfl.net.launch import (
-        free_port,
-        server_command,
-        site_command,
-        start,
-        write_config,
-    )
 
     cfg = load_config(args, n)
     out = root / f"n{n}"
@@ -175,7 +170,9 @@ def _run_one(args: argparse.Namespace, n: int, root: Path, pki: Path, bar: Any) 
     logs = out / "logs"
     load_before = os.getloadavg()
     t_launch = time.time()
-    procs = {"server": start(server_command(config, out / "server", pki, address, False, args.turn_timeout), logs / "server.log")}
+    # the server runs from its own folder of the PKI (it refuses the whole PKI, which holds the CA key)
+    procs = {"server": start(server_command(config, out / "server", pki / "server", address, False, args.turn_timeout),
+                             logs / "server.log")}
     for i in range(n):
         procs[f"site-{i}"] = start(site_command(config, i, address, pki, out / "sites" / f"site-{i}", False,
                                                 connect_timeout=args.timeout), logs / f"site-{i}.log")
@@ -344,7 +341,6 @@ def judge(rows: list[dict[str, Any]], max_p95_ratio: float, max_cv: float) -> di
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from splitfl.net.launch import prepare
 
     ns = sorted(set(args.hospitals))
     keep = args.keep
@@ -447,8 +443,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run_benchmark(args)
     print(format_table(result))
     if args.json:
-        from splitfl.artifacts import write_json
-
         write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return result

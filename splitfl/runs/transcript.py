@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitfl.config import run_config_from_dict
+
 
 class TranscriptError(ValueError):
     """A transcript folder that is missing, incomplete or not of the expected kind."""
@@ -42,7 +44,6 @@ class Transcript:
 
     def run_config(self) -> Any:
         """The recorded run's RunConfig (the server coordinated that run, so the attacker knows it)."""
-        from splitfl.compare import run_config_from_dict
 
         return run_config_from_dict(self.config)
 

@@ -1,0 +1,75 @@
+"""The package's layers, checked by import-linter against the contract in pyproject.toml.
+
+Data, models and he sit at the bottom; the engine above them; the regimes above the engine;
+net, train and the run-reading API above the regimes; compare, bench, attacks and interpret on
+top; the CLI over everything. A module importing from a layer above its own breaks the contract.
+"""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("splitfl", "attacks", "interpret")
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
+    if not LINT_IMPORTS.exists():
+        pytest.fail(f"{LINT_IMPORTS} missing: install the dev extras (pip install -e '.[dev]')")
+    env = {"PYTHONPATH": str(cwd), "PATH": str(LINT_IMPORTS.parent), "HOME": str(cwd)}
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_layer_contract_holds() -> None:
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
+    """The check is live: one import from data up to compare, in a copy of the tree, is reported."""
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    base = tmp_path / "splitfl" / "data" / "base.py"
+    base.write_text(base.read_text() + "\nfrom splitfl.compare import compare  # noqa: E402,F401  (upward)\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "BROKEN" in result.stdout and "splitfl.data.base -> splitfl.compare" in result.stdout, result.stdout
+
+
+def _function_level_imports(path: Path) -> list[str]:
+    """``file:line module`` for every import of a project module inside a function or class body."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for scope in ast.walk(tree):
+        if not isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for node in ast.walk(scope):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.ImportFrom):  # relative: always the project's own
+                names = ["." * node.level + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith(".") or name.split(".")[0] in PACKAGES:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    return found
+
+
+def test_no_function_level_imports_of_the_project() -> None:
+    """No import hides a cycle inside a function: every project import is at the top of its module."""
+    offenders = sorted({hit for pkg in PACKAGES for path in (ROOT / pkg).rglob("*.py")
+                        if "proto" not in path.parts for hit in _function_level_imports(path)})
+    assert not offenders, "move these imports to the top of their modules (a cycle means a layer is wrong):\n" + \
+        "\n".join(offenders)
