@@ -133,7 +133,6 @@ class SiteData:
     def load(cls, run_cfg: Any, distractors: int) -> "SiteData":
         import torch
 
-
         if distractors < MIN_DISTRACTORS:
             raise CompareError(f"attack.distractors={distractors}: the re-identification pool needs at least {MIN_DISTRACTORS}")
         splits = load_splits(run_cfg.data)
@@ -162,7 +161,6 @@ def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) 
     """Every reconstruction against its ground truth: per-image rows, rates, curves, label accuracy."""
     import numpy as np
     import torch
-
 
     rows, pairs, label_acc = [], [], []
     pairs_by_view: dict[str, list[Any]] = {}

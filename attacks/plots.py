@@ -28,7 +28,6 @@ def plot_montage(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, str]], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     items = [(o, r, label) for originals, paired, label in pairs for o, r in zip(originals, paired)][:max_images]
     n = max(len(items), 1)
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 0.6, 3.2), squeeze=False)
@@ -54,7 +53,6 @@ def plot_summary(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 3.8))
     names = [r["variant"] for r in results]

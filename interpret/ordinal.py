@@ -265,7 +265,6 @@ def grading_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, tas
     # (report.cohort_metrics defers it the same way)
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-
     if task.task_type != "ordinal":
         raise ValueError(f"grading_metrics: task {task.name!r} is {task.task_type}, not ordinal.")
     y = torch.as_tensor(np.asarray(labels)).long().reshape(-1)

@@ -531,7 +531,6 @@ def build_report(run_dir: str | Path, images: str | Path, out: str | Path, opts:
     """Write ``out`` (HTML) and ``out`` with ``.json`` (every number); return the JSON's content."""
     import captum
 
-
     opts = opts or ReportOptions()
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):

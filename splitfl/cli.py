@@ -59,7 +59,7 @@ def build_parser() -> ArgumentParser:
     certs.add_argument("--overwrite", type=bool, default=False, help="replace an existing PKI in --out")
     sub.add_subcommand("certs", certs, help="make development certificates and site tokens for mutual TLS")
 
-    serve = run_config_parser("Run the coordinating server of a federation (fedavg/fedprox; split-* via splitfl.net.split_remote) over gRPC with mutual TLS; writes the same artefacts as `splitfl train`, and resumes from --out.")
+    serve = run_config_parser("Run the coordinating server of a federation (fedavg/fedprox; split-* via splitfl.net.split) over gRPC with mutual TLS; writes the same artefacts as `splitfl train`, and resumes from --out.")
     serve.add_argument("--out", type=str, required=True, help="output folder (checkpoint.pt, metrics.json, ...); rerun with the same folder to resume")
     serve.add_argument("--pki", type=str, required=True,
                        help="the server's own folder from `splitfl certs --out DIR`: DIR/server (ca.crt, server.crt, server.key, "

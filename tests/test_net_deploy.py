@@ -61,7 +61,7 @@ def test_servers_run_from_their_own_folder_and_refuse_one_holding_a_secret(tmp_p
     from splitfl.he.keys import create_secret_context, save_secret_context
     from splitfl.he.params import PRESETS
     from splitfl.net.federation import make_server
-    from splitfl.net.split_remote import run_split_server
+    from splitfl.net.split.server import run_split_server
 
     pki = make_dev_pki(tmp_path / "pki", 2)
     fed_cfg = fed_config()
@@ -212,7 +212,7 @@ def test_split_coordinator_never_hands_an_empty_epoch_to_the_checkpoint():
     import threading
 
     from splitfl.engine import RunError
-    from splitfl.net.split_remote import Coordinator
+    from splitfl.net.split.coordinator import Coordinator
 
     coord = Coordinator(2, False, "backward", turn_timeout_s=0.5, join_timeout_s=0.5)
     with pytest.raises(RunError, match=r"site-0, site-1 never joined: waited \d+ s \(join timeout 0.5 s\).*--join-timeout"):
@@ -327,7 +327,10 @@ def test_split_sequence_number_jumping_far_ahead_is_refused_and_moves_nothing(tm
     from splitfl.engine import make_optimizer
     from splitfl.models import build_split_model
     from splitfl.net.certs import read_token
-    from splitfl.net.split_remote import Coordinator, RemoteError, RemoteSplitServer, SplitServicer, config_fingerprint, serve
+    from splitfl.net.split.common import RemoteError, config_fingerprint
+    from splitfl.net.split.coordinator import Coordinator
+    from splitfl.net.split.hospital import RemoteSplitServer
+    from splitfl.net.split.servicer import SplitServicer, serve
     from splitfl.net.tls import channel_credentials, make_channel
 
     cfg = split_config("split-plain")

@@ -319,21 +319,18 @@ def test_bad_requests_are_refused_and_a_good_site_completes_its_round(live_serve
 # ----------------------------------------------------------------------------- launch / CLI (fast)
 
 
-def test_split_regimes_dispatch_to_split_remote(tmp_path, monkeypatch):
-    import sys
-
+def test_split_regimes_dispatch_to_the_split_service(tmp_path, monkeypatch):
     from splitfl.net import launch
 
     cfg = net_config()
     cfg.regime = "split-plain"
     calls = []
-    fake = type(sys)("splitfl.net.split_remote")
-    fake.run_split_server = lambda *a, **kw: calls.append(("server", a, kw)) or {"test": {}}
-    monkeypatch.setitem(sys.modules, "splitfl.net.split_remote", fake)
+    monkeypatch.setattr(launch, "run_split_server", lambda *a, **kw: calls.append(("server", a, kw)) or {"test": {}})
+    monkeypatch.setattr(launch, "run_split_site", lambda *a, **kw: calls.append(("site", a, kw)))
     launch.serve(cfg, tmp_path / "server", tmp_path / "pki", "127.0.0.1:5", True, round_timeout=7)
     assert calls[0][1][2:] == ("127.0.0.1:5", tmp_path / "pki", True) and calls[0][2]["round_timeout"] == 7
-    with pytest.raises(AttributeError, match="run_split_site"):
-        launch.join(cfg, 0, "127.0.0.1:1", tmp_path / "pki", tmp_path / "site")
+    assert launch.join(cfg, 0, "127.0.0.1:1", tmp_path / "pki", tmp_path / "site") == []
+    assert calls[1][0] == "site" and calls[1][1][1:] == (0, "127.0.0.1:1", tmp_path / "pki", False, tmp_path / "site")
 
 
 def test_cli_has_serve_join_simulate_and_insecure_is_an_explicit_flag():

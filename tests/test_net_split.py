@@ -13,15 +13,9 @@ from test_train import tiny_config
 
 from splitfl.net.certs import load_pki, make_dev_pki, read_token
 from splitfl.net.proto import splitfl_pb2 as pb
-from splitfl.net.split_remote import (
-    RelaySealer,
-    RemoteError,
-    RemoteSplitServer,
-    config_fingerprint,
-    ensure_consortium_keys,
-    run_split_server,
-    run_split_site,
-)
+from splitfl.net.split.common import RelaySealer, RemoteError, config_fingerprint, ensure_consortium_keys
+from splitfl.net.split.hospital import RemoteSplitServer, run_split_site
+from splitfl.net.split.server import run_split_server
 from splitfl.net.tls import channel_credentials, make_channel
 from splitfl.tensors import ProtocolError
 from splitfl.train import run
@@ -236,7 +230,7 @@ def test_server_crash_resumes_from_checkpoint_and_hospitals_reconnect(tmp_path, 
     """
     import socket
 
-    from splitfl.net import split_remote
+    from splitfl.net.split.server import RemoteServerRunner
 
     cfg = net_config("split-plain", freeze=False, epochs=2)
     local = run(cfg, tmp_path / "local")
@@ -251,7 +245,7 @@ def test_server_crash_resumes_from_checkpoint_and_hospitals_reconnect(tmp_path, 
     class Crash(RuntimeError):
         pass
 
-    real = split_remote.RemoteServerRunner.train_epoch
+    real = RemoteServerRunner.train_epoch
 
     def crashing(self, epoch, desc):
         if epoch == 1:
@@ -276,7 +270,7 @@ def test_server_crash_resumes_from_checkpoint_and_hospitals_reconnect(tmp_path, 
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    monkeypatch.setattr(split_remote.RemoteServerRunner, "train_epoch", crashing)
+    monkeypatch.setattr(RemoteServerRunner, "train_epoch", crashing)
     first = threading.Thread(target=serve, args=(True,), daemon=True)
     first.start()
     sites = [threading.Thread(target=site, args=(i,), daemon=True) for i in range(2)]
@@ -285,7 +279,7 @@ def test_server_crash_resumes_from_checkpoint_and_hospitals_reconnect(tmp_path, 
     first.join(120)
     assert not first.is_alive() and not errors, errors
     assert (out / "checkpoint.pt").exists() and "m" not in result
-    monkeypatch.setattr(split_remote.RemoteServerRunner, "train_epoch", real)
+    monkeypatch.setattr(RemoteServerRunner, "train_epoch", real)
     second = threading.Thread(target=serve, args=(False,), daemon=True)
     second.start()
     second.join(120)
@@ -343,12 +337,10 @@ def test_split_he_noninteractive_predict_over_grpc(tmp_path, pki):
 
 
 def test_a_hospital_that_dies_holding_its_turn_is_skipped_and_training_goes_on(tmp_path, pki, monkeypatch):
-    from splitfl.net import split_remote
-
     class Died(RuntimeError):
         pass
 
-    real = split_remote.RemoteSplitServer.backward
+    real = RemoteSplitServer.backward
     calls = {"n": 0}
 
     def dying(self, payload, layer=None):
@@ -358,7 +350,7 @@ def test_a_hospital_that_dies_holding_its_turn_is_skipped_and_training_goes_on(t
                 raise Died("hospital 1 lost power")
         return real(self, payload, layer)
 
-    monkeypatch.setattr(split_remote.RemoteSplitServer, "backward", dying)
+    monkeypatch.setattr(RemoteSplitServer, "backward", dying)
     cfg = net_config("split-plain", freeze=False, epochs=2)
     cfg.train.batch_size = 16
     with pytest.raises(AssertionError, match="Died"):

@@ -121,16 +121,10 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
     from splitfl.models import build_split_model
     from splitfl.net.certs import make_dev_pki, read_token
     from splitfl.net.proto import splitfl_pb2 as pb
-    from splitfl.net.split_remote import (
-        Coordinator,
-        RemoteError,
-        RemoteSplitServer,
-        SplitServicer,
-        _fp_bytes,
-        config_fingerprint,
-        ensure_consortium_keys,
-        serve,
-    )
+    from splitfl.net.split.common import RemoteError, _fp_bytes, config_fingerprint, ensure_consortium_keys
+    from splitfl.net.split.coordinator import Coordinator
+    from splitfl.net.split.hospital import RemoteSplitServer
+    from splitfl.net.split.servicer import SplitServicer, serve
     from splitfl.net.tls import channel_credentials, make_channel
     from splitfl.split.full_server import pack_ciphertexts, pack_weight_rows, unpack_ciphertexts
     from splitfl.split.runner import full_layout
@@ -207,7 +201,7 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
     ({"split.dp_noise_multiplier": 1.0, "split.dp_max_grad_norm": 1.0}, "DP on the encrypted head"),
 ])
 def test_the_server_refuses_what_the_encrypted_head_cannot_train_before_serving(tmp_path, change, match):
-    from splitfl.net.split_remote import run_split_server
+    from splitfl.net.split.server import run_split_server
     from splitfl.engine import RunError
 
     cfg = full_net_config(epochs=1)

@@ -222,7 +222,8 @@ def test_split_plain_stage_cut_refuses_dp_noise(tmp_path):
 
 
 def test_grpc_split_service_refuses_a_stage_cut(tmp_path):
-    from splitfl.net.split_remote import run_split_server, run_split_site
+    from splitfl.net.split.hospital import run_split_site
+    from splitfl.net.split.server import run_split_server
 
     cfg = stage_config("split-plain", epochs=1)
     with pytest.raises(RunError, match="gRPC split service"):

@@ -9,7 +9,7 @@ epoch (the data are partitioned into N sites). Measured from the server's side:
 
 * per-step latency: from the server granting a hospital its turn to the step closing (the hospital's
   encryption + the server's CKKS head forward + the hospital's update + the server applying it), read from
-  ``<server out>/steps.csv`` (written by :func:`splitfl.net.split_remote.run_split_server`);
+  ``<server out>/steps.csv`` (written by :func:`splitfl.net.split.server.run_split_server`);
 * throughput: timed steps / the epochs' training time (validation between epochs excluded);
 * rounds (every hospital takes one turn): time from the first grant to the last close, and its
   coefficient of variation (std / mean) over the run;
@@ -340,7 +340,6 @@ def judge(rows: list[dict[str, Any]], max_p95_ratio: float, max_cv: float) -> di
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
-
 
     ns = sorted(set(args.hospitals))
     keep = args.keep

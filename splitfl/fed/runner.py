@@ -55,7 +55,6 @@ def fed_transcript(cfg: RunConfig, out_dir: Path, spec: FlatSpec, site_sizes: li
     """The recorder of the server's view of a federated run (``<out>/transcript``), with what an attacker knows."""
     import dataclasses
 
-
     meta = {
         "regime": cfg.regime,
         "view": "federation server",

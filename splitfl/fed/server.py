@@ -60,7 +60,6 @@ def build_fed_model(cfg: RunConfig, num_outputs: int, n_channels: int, log: Call
     """The federation's model, as every party builds it (GroupNorm in place of BatchNorm under fed.norm: groupnorm)."""
     from opacus.validators import ModuleValidator
 
-
     model, report = build_split_model(cfg.model, num_outputs, n_channels, cfg.data.size)
     if report is not None and log is not None:
         log(str(report))
@@ -175,7 +174,6 @@ class FedServerCore:
             },
             "rejections": [r.__dict__ for r in self.rejections],
         }
-
 
     @property
     def secure(self) -> str:

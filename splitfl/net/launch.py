@@ -13,7 +13,7 @@
   writes their logs to ``DIR/logs/`` and returns the server's metrics.
 
 Regimes other than fedavg/fedprox are handed to
-``splitfl.net.split_remote.run_split_server`` / ``run_split_site``.
+``splitfl.net.split.server.run_split_server`` / ``splitfl.net.split.hospital.run_split_site``.
 
 Folders: every party runs from its own folder of the ``splitfl certs`` PKI, the
 server from ``<pki>/server`` (refused if it holds any secret: the CA key, a
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from splitfl.artifacts import write_bytes, write_json
 from splitfl.config import RunConfig
@@ -64,6 +64,9 @@ from splitfl.net.federation import (
     make_server,
     site_name,
 )
+from splitfl.net.split.common import RELAY_KEY_FILE, relay_key_material, relay_needed
+from splitfl.net.split.hospital import run_split_site
+from splitfl.net.split.server import run_split_server
 from splitfl.net.tls import channel_credentials, insecure_allowed, make_channel, site_paths
 from splitfl.plots import plot_learning_curves
 from splitfl.split.runner import full_preset
@@ -77,13 +80,6 @@ SERVER_INFO = "server.json"
 
 def _run_error(msg: str) -> Exception:
     return RunError(msg)
-
-
-def _split_remote(name: str) -> Callable[..., Any]:
-    """The split-learning entry point of that name (split-plain / split-he / split-he-full over gRPC)."""
-    import importlib
-
-    return getattr(importlib.import_module("splitfl.net.split_remote"), name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +108,8 @@ def consortium_key_spec(cfg: RunConfig) -> Optional[tuple[str, Optional[str], st
         return SECRET_KEY_FILE, cfg.split.he_preset, "split.he_preset"
     if cfg.regime == "split-he-full":
         return SECRET_KEY_FILE, full_preset(cfg), "split.he_preset"
-    if cfg.regime == "split-plain" and _split_remote("relay_needed")(cfg):
-        return _split_remote("RELAY_KEY_FILE"), None, "model.freeze_encoder"
+    if cfg.regime == "split-plain" and relay_needed(cfg):
+        return RELAY_KEY_FILE, None, "model.freeze_encoder"
     return None
 
 
@@ -168,7 +164,7 @@ def make_consortium_keys(pki_dir: str | Path, cfg: RunConfig) -> ConsortiumKeys:
                     f"or set {what} to the key's preset")
         ctx = consortium_secret_context(key_file, preset, what)
     else:
-        _split_remote("relay_key_material")(pki, False)  # 32 random bytes, made once
+        relay_key_material(pki, False)  # 32 random bytes, made once
     data = key_file.read_bytes()
     copies: list[Path] = []
     if (pki / "manifest.json").is_file():
@@ -223,12 +219,11 @@ def serve(
         kw: dict[str, Any] = {"round_timeout": round_timeout, "join_timeout_s": join_timeout}
         if run_id:
             kw["run_id"] = run_id
-        return _split_remote("run_split_server")(cfg, out, address, pki_dir, insecure, **kw)
+        return run_split_server(cfg, out, address, pki_dir, insecure, **kw)
 
     if pki_dir is None:
         raise PkiError("the server needs --pki: its own folder from `splitfl certs --out DIR` (DIR/server)")
     own = load_server_folder(pki_dir, require_tls=not insecure)  # at once, before loading anything
-
 
     class _Cfg:  # FedRunner's config checks, without building a runner
         pass
@@ -316,7 +311,7 @@ def join(
             kw["run_id"] = run_id
         if keys:
             kw["keys"] = keys
-        _split_remote("run_split_site")(cfg, site, server, pki_dir, insecure, out, **kw)
+        run_split_site(cfg, site, server, pki_dir, insecure, out, **kw)
         return []
 
     sp = site_paths(Path(pki_dir), site_name(site)) if (Path(pki_dir) / "manifest.json").is_file() else site_paths(Path(pki_dir))
@@ -348,7 +343,6 @@ def free_port() -> int:
 
 def write_config(cfg: RunConfig, path: Path) -> Path:
     import yaml
-
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))

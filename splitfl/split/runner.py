@@ -103,7 +103,7 @@ class SplitRunner:
     def __init__(self, fabric: Fabric, cfg: RunConfig, splits: DataSplits, out_dir: Path,
                  server_factory: Optional[Any] = None) -> None:
         """``server_factory`` (default :class:`SplitServer`) is called with SplitServer's arguments and returns
-        the object the transports talk to: a remote stub (``splitfl.net.split_remote``) makes this runner a
+        the object the transports talk to: a remote stub (``splitfl.net.split.hospital``) makes this runner a
         hospital of a run whose head lives in another process."""
 
         self.fabric, self.cfg, self.task = fabric, cfg, splits.task
