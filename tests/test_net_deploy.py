@@ -50,7 +50,7 @@ def _preset(name: str) -> tuple[int, tuple[int, ...]]:
 
 def _fed_servicer(cfg):
     from splitfl.fed.server import FedServerCore
-    from splitfl.net.federation import FederationServer
+    from splitfl.net.fed.servicer import FederationServer
 
     return FederationServer(cfg, FedServerCore(cfg, 4, np.zeros(4, np.float32), None), log=lambda m: None)
 
@@ -60,7 +60,7 @@ def test_servers_run_from_their_own_folder_and_refuse_one_holding_a_secret(tmp_p
     planted secret (named as such or not) are refused, naming the file, before anything is served or loaded."""
     from splitfl.he.keys import create_secret_context, save_secret_context
     from splitfl.he.params import PRESETS
-    from splitfl.net.federation import make_server
+    from splitfl.net.fed.servicer import make_server
     from splitfl.net.split.server import run_split_server
 
     pki = make_dev_pki(tmp_path / "pki", 2)
@@ -296,7 +296,7 @@ def test_fedavg_he_site_joining_late_is_served_with_each_party_holding_only_its_
 
 
 def test_fed_sequence_number_jumping_far_ahead_is_refused_and_moves_nothing(live_server):  # noqa: F811
-    from splitfl.net.federation import run_fingerprint
+    from splitfl.net.fed.common import run_fingerprint
 
     cfg, pki, servicer, address, _ = live_server
     channel = _channel(pki, "site-1", address)

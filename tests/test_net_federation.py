@@ -133,7 +133,7 @@ def test_masks_a_site_killed_after_sharing_keys_is_recovered_from_the_survivors_
     from splitfl.data import load_splits
     from splitfl.fed.aggregate import aggregate
     from splitfl.fed.runner import FedRunner
-    from splitfl.net.federation import DIE_AFTER_ENV
+    from splitfl.net.fed.hospital import DIE_AFTER_ENV
     from splitfl.net.launch import server_command, site_command, start
     from splitfl.engine import make_fabric
 
@@ -183,7 +183,7 @@ def live_server(tmp_path):
     from splitfl.fed.flat import FlatSpec
     from splitfl.fed.server import FedServerCore, build_fed_model
     from splitfl.net.certs import make_dev_pki
-    from splitfl.net.federation import FederationServer, make_server
+    from splitfl.net.fed.servicer import FederationServer, make_server
 
     cfg = net_config()
     cfg.data.partition.num_sites = 2
@@ -210,7 +210,7 @@ def _channel(pki, site: str, address: str, token: str | None = None):
 
 
 def _refused(call, status: grpc.StatusCode, code: int | None = None):
-    from splitfl.net.federation import error_detail
+    from splitfl.net.fed.common import error_detail
 
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -222,7 +222,8 @@ def _refused(call, status: grpc.StatusCode, code: int | None = None):
 
 
 def test_bad_requests_are_refused_and_a_good_site_completes_its_round(live_server):
-    from splitfl.net.federation import FedSiteClient, run_fingerprint
+    from splitfl.net.fed.common import run_fingerprint
+    from splitfl.net.fed.hospital import FedSiteClient
 
     cfg, pki, servicer, address, tmp = live_server
     good_channel = _channel(pki, "site-0", address)
@@ -346,7 +347,7 @@ def test_cli_has_serve_join_simulate_and_insecure_is_an_explicit_flag():
 def test_plaintext_needs_the_insecure_flag_and_warns(tmp_path):
     from splitfl.fed.server import FedServerCore
     from splitfl.net.certs import make_dev_pki
-    from splitfl.net.federation import FederationServer, make_server
+    from splitfl.net.fed.servicer import FederationServer, make_server
     from splitfl.net.tls import InsecureChannelError, InsecureChannelWarning, make_channel
 
     make_dev_pki(tmp_path / "pki", 3)

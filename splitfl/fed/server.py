@@ -15,7 +15,7 @@ its own bookkeeping (rejections, bytes on the wire, rounds done). One round is
 5. :meth:`apply` (the server step on the global vector).
 
 :class:`splitfl.fed.runner.FedRunner` drives it with in-process sites (the
-unit-test path); :mod:`splitfl.net.federation` drives it from gRPC handlers.
+unit-test path); :mod:`splitfl.net.fed` drives it from gRPC handlers.
 """
 from __future__ import annotations
 

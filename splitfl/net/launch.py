@@ -2,11 +2,11 @@
 
 * :func:`serve` runs the coordinating server: the gRPC FederationService plus
   the shared epoch loop (:func:`splitfl.engine.fit` with a
-  :class:`~splitfl.net.federation.RemoteFedRunner`), so ``--out`` gets the
+  :class:`~splitfl.net.fed.server.RemoteFedRunner`), so ``--out`` gets the
   same ``checkpoint.pt``, ``best_model.pt``, ``history.csv``, ``metrics.json``
   and ``config.yaml`` as ``splitfl train``, and a restarted server resumes
   from its checkpoint.
-* :func:`join` runs one hospital (:class:`~splitfl.net.federation.FedSiteClient`).
+* :func:`join` runs one hospital (:class:`~splitfl.net.fed.hospital.FedSiteClient`).
 * :func:`simulate` makes a development PKI (and, under ``fed.secure: he``, the
   consortium keys) under ``DIR/pki`` if absent, starts the server and one
   process per hospital on 127.0.0.1 with ``sys.executable -m splitfl ...``,
@@ -56,14 +56,10 @@ from splitfl.he.keys import (
 from splitfl.he.mlp import MLP_DEPTH
 from splitfl.he.params import HEError, check_depth, get_preset
 from splitfl.net.certs import PkiError, load_pki, load_server_folder, make_dev_pki, read_token
-from splitfl.net.federation import (
-    FederationServer,
-    FedSiteClient,
-    RemoteError,
-    RemoteFedRunner,
-    make_server,
-    site_name,
-)
+from splitfl.net.fed.common import RemoteError, site_name
+from splitfl.net.fed.hospital import FedSiteClient
+from splitfl.net.fed.server import RemoteFedRunner
+from splitfl.net.fed.servicer import FederationServer, make_server
 from splitfl.net.split.common import RELAY_KEY_FILE, relay_key_material, relay_needed
 from splitfl.net.split.hospital import run_split_site
 from splitfl.net.split.server import run_split_server

@@ -1,218 +1,68 @@
-"""FedAvg / FedProx over gRPC: the ``FederationService`` server and the hospital (site) client.
+"""The server's gRPC face: :class:`FederationServer` (``splitfl.v1.FederationService``) and :func:`make_server`.
 
-Architecture
-------------
-* :class:`FederationServer` is the servicer. It wraps a
-  :class:`splitfl.fed.server.FedServerCore` (the same validation,
-  aggregation and books as the in-process :class:`splitfl.fed.runner.FedRunner`)
-  and a small round state machine guarded by one condition variable.
-* :class:`RemoteFedRunner` is the coordinator: a runner for
-  :func:`splitfl.engine.fit` whose ``train_epoch`` opens one round on the
-  server and blocks until it is aggregated, so checkpoints, resume,
-  ``metrics.json`` and ``history.csv`` are exactly those of the in-process run.
-* :class:`FedSiteClient` is a hospital: it joins, long-polls ``GetRound``,
-  downloads the global model when sampled, trains locally with
-  :class:`splitfl.fed.site.Site`, packages the update with
-  :func:`splitfl.fed.site.package_update` and submits it.
-
-Round protocol (see protos/README.md "one federated round")::
-
-    Join -> GetRound(min_round r) -> [sampled] DownloadModel(r, GLOBAL_MODEL)
-         -> local training -> SubmitUpdate(r, parts) -> GetRound(min_round r+1) ...
-
-``fed.secure: he``: the server holds only the consortium's PUBLIC context (a
-file next to its certificate, made by ``splitfl simulate`` or ``splitfl
-keys``); the secret context is a file shared by the sites. After the round's
-encrypted sum is complete, the server asks one key-holding site that took part
-(``RoundInfo.decrypt_aggregate``) to download the ENCRYPTED_AGGREGATE, decrypt
-it and submit the weighted mean of the encrypted coordinates as a
-DECRYPTED_MEAN part. The server thus holds the round's aggregate (never an
-individual update), exactly as in the in-process path, and makes it the next
-global model; it can evaluate the model, select the best round and checkpoint.
-
-``fed.secure: masks``: after local training each sampled site runs the
-four-step exchange of Bonawitz et al. (:mod:`splitfl.fed.secagg`) over
-``SecAggSubmit`` / ``SecAggFetch`` (AdvertiseKeys, KeyBroadcast, ShareKeys,
-ShareDelivery, MaskedInput, UnmaskRequest, UnmaskResponse); the server runs
-:class:`~splitfl.fed.secagg.SecAggServer` and learns only the count-weighted
-sum. A site that misses a step's deadline is a dropout of that step.
-
-Failures
---------
-* A sampled site that has not submitted when the round's deadline passes
-  (``round_timeout``) is dropped from the round (logged); the round goes on
-  with what arrived (``fed.min_sites`` accepted updates or the model stays).
-  The site may come back (rejoin) in a later round.
-* A restarted server resumes from its checkpoint (``fit``); sites whose
-  server has gone retry with exponential backoff for up to
-  ``connect_timeout`` seconds and rejoin.
-* Under ``fed.secure: masks`` a site that dies after sharing its keys but
-  before sending its masked input misses the MaskedInput deadline
-  (``phase_timeout``, default ``round_timeout``: the steps after AdvertiseKeys
-  involve no training, so their deadline can be much shorter than that of
-  AdvertiseKeys, which waits for the local training); the server lists it as
-  dropped in the UnmaskRequest and the survivors' Shamir shares of its mask
-  key remove its pairwise masks, so the round's sum is that of the survivors
-  (Bonawitz et al.'s dropout recovery). Test hook: a site whose environment has
-  ``SPLITFL_TEST_SECAGG_DIE_AFTER=<step>`` (``advertise_keys``,
-  ``share_keys``, ``masked_input``) SIGKILLs itself right after sending that
-  message (tests/test_net_federation.py); never set it in a deployment.
-* Every malformed, tampered, replayed or unauthenticated request ends with a
-  gRPC status and a ``splitfl.v1.ErrorDetail`` in the trailing metadata
-  (``splitfl-error-bin``); the server's state is unchanged and it keeps
-  serving the others.
+:class:`FederationServer` wraps a :class:`~splitfl.fed.server.FedServerCore` (the validation, aggregation and
+books of the in-process :class:`~splitfl.fed.runner.FedRunner`) in a round state machine guarded by one
+condition variable. Every call is checked in the protocol's order (token + client certificate by
+:class:`~splitfl.net.tls.SiteAuthInterceptor`, then version, run id + config fingerprint, site, session,
+sequence) before any payload is read; payloads are chunk streams (:mod:`splitfl.net.chunks`). Its coordinator's
+side (:meth:`~FederationServer.wait_for_sites`, :meth:`~FederationServer.run_round`, under ``fed.secure:
+masks`` the secure-aggregation phases, under ``fed.secure: he`` the remote decryption, and
+:meth:`~FederationServer.finish`) is driven by the server's round loop (:mod:`~splitfl.net.fed.server`).
+:func:`make_server` serves it with mutual TLS and site tokens.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
-import signal
 import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import grpc
 import numpy as np
-import torch
 
-from splitfl.artifacts import save_checkpoint
 from splitfl.config import RunConfig
-from splitfl.data import load_splits, partition_dataset
-from splitfl.engine import RunError, eval_loader, make_scheduler, resume_key
+from splitfl.engine import RunError
 from splitfl.fed import secagg as sa
-from splitfl.fed.aggregate import check_update
-from splitfl.fed.compress import TopKCompressor
-from splitfl.fed.flat import FlatSpec
-from splitfl.fed.server import (
-    FedServerCore,
-    RoundAcc,
-    build_fed_model,
-    fed_privacy_summary,
-    vector_bytes,
-    vector_from_bytes,
-)
-from splitfl.fed.site import Site, package_update
-from splitfl.he.aggregation import decrypt_aggregate
-from splitfl.he.keys import context_fingerprint, load_secret_context
-from splitfl.metrics import TaskMetrics, make_loss
+from splitfl.fed.server import FedServerCore, RoundAcc, vector_bytes, vector_from_bytes
 from splitfl.net import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_REPLAY_WINDOW,
-    ERROR_METADATA_KEY,
     PROTOCOL_VERSION,
     STATUS_METHODS,
     SUPPORTED_VERSIONS,
     ChunkError,
-    assemble,
     max_sequence_jump,
-    new_transfer_id,
     open_stream,
     read_transfer,
     split_payload,
 )
 from splitfl.net.certs import PkiError, load_server_folder
+from splitfl.net.fed.common import (
+    DEFAULT_MAX_PAYLOAD,
+    JOIN_NONCE_BYTES,
+    SERVER_VERSION,
+    _Abort,
+    _abort,
+    _chunk_abort,
+    _context_fp,
+    default_run_id,
+    run_fingerprint,
+    site_index,
+    site_name,
+)
 from splitfl.net.proto import splitfl_pb2 as pb
 from splitfl.net.proto import splitfl_pb2_grpc as pb_grpc
 from splitfl.net.tls import SiteAuthInterceptor, add_server_port, authenticated_site, server_credentials
 
-__all__ = [
-    "DEFAULT_MAX_PAYLOAD",
-    "FederationServer",
-    "FedSiteClient",
-    "RemoteError",
-    "RemoteFedRunner",
-    "default_run_id",
-    "run_fingerprint",
-    "site_index",
-    "site_name",
-]
-
-SERVER_VERSION = "splitfl-fed/1"
-DEFAULT_MAX_PAYLOAD = 4 << 30  # 4 GiB: ResNet-18 encrypted aggregates are ~180 MB
-JOIN_NONCE_BYTES = 16
-SITE_STATE = "site_state.pt"
-# Test-only: a site SIGKILLs itself right after sending this secure-aggregation message (see the module docstring).
-DIE_AFTER_ENV = "SPLITFL_TEST_SECAGG_DIE_AFTER"
-
-
-def site_name(index: int) -> str:
-    return f"site-{index}"
-
-
-def site_index(name: Optional[str]) -> Optional[int]:
-    if not name or not name.startswith("site-") or not name[5:].isdigit():
-        return None
-    return int(name[5:])
-
-
-def run_fingerprint(cfg: RunConfig) -> bytes:
-    """SHA-256 of the protocol-relevant configuration (all but display and hardware settings), same on every party."""
-
-    d = resume_key(cfg)
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("accelerator", "devices")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
-
-
-def default_run_id(cfg: RunConfig) -> str:
-    return f"{cfg.regime}-{run_fingerprint(cfg).hex()[:16]}"
-
-
-def _context_fp(ctx: Any) -> bytes:
-    """32 bytes naming a CKKS context's parameters and public key (the same for the secret and the public copy)."""
-
-    return hashlib.sha256(context_fingerprint(ctx).encode()).digest()
-
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class RemoteError(RuntimeError):
-    """A call was refused; ``code`` is the gRPC status, ``detail`` the server's ErrorDetail (or None)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, detail: Optional[pb.ErrorDetail] = None) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code, self.message, self.detail = code, message, detail
-
-    @property
-    def error_code(self) -> int:
-        return self.detail.code if self.detail is not None else pb.ERROR_CODE_UNSPECIFIED
-
-    @classmethod
-    def from_rpc(cls, err: grpc.RpcError) -> "RemoteError":
-        detail = None
-        for item in err.trailing_metadata() or ():
-            k, v = (item.key, item.value) if hasattr(item, "key") else item
-            if k == ERROR_METADATA_KEY:
-                detail = pb.ErrorDetail.FromString(v)
-        return cls(err.code(), err.details() or "", detail)
-
-
-def error_detail(err: grpc.RpcError) -> Optional[pb.ErrorDetail]:
-    """The ErrorDetail of a refused call (None if it carried none)."""
-    return RemoteError.from_rpc(err).detail
-
-
-class _Abort(Exception):
-    """Inside a handler: end the call with this status and ErrorDetail."""
-
-    def __init__(self, status: grpc.StatusCode, code: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.detail = status, pb.ErrorDetail(code=code, message=message, **extra)
-
-
-def _abort(context: grpc.ServicerContext, exc: _Abort) -> None:
-    context.set_trailing_metadata(((ERROR_METADATA_KEY, exc.detail.SerializeToString()),))
-    context.abort(exc.status, exc.detail.message)
-
-
-def _chunk_abort(e: ChunkError) -> _Abort:
-    return _Abort(getattr(grpc.StatusCode, e.grpc_code), e.error_code, str(e), transfer_id=e.transfer_id, chunk_index=e.index)
 
 
 @dataclass
@@ -220,9 +70,6 @@ class _Session:
     session_id: bytes
     highest: int = 0
     seen: set[int] = field(default_factory=set)
-
-
-# ============================================================================ server
 
 
 class FederationServer(pb_grpc.FederationServiceServicer):
@@ -921,8 +768,6 @@ def make_server(
     ``pki_dir`` is the server's own folder (``DIR/server`` of ``splitfl certs``), never the whole PKI: see
     :func:`splitfl.net.certs.load_server_folder`, which refuses a folder holding a secret.
     """
-    from concurrent import futures
-
     if pki_dir is None:
         raise PkiError("the server needs --pki: its own folder from `splitfl certs --out DIR` (DIR/server: its "
                        "certificate and key, the CA certificate, the sites' token hashes)")
@@ -933,354 +778,3 @@ def make_server(
     port = add_server_port(server, address, None if insecure else server_credentials(own), insecure=insecure)
     server.start()
     return server, port
-
-
-# ============================================================================ coordinator
-
-
-class RemoteFedRunner:
-    """The runner :func:`splitfl.engine.fit` drives on the server: each ``train_epoch`` is one round over gRPC."""
-
-    def __init__(self, fabric: Any, cfg: RunConfig, splits: Any, server: FederationServer, model: torch.nn.Module, join_timeout: float) -> None:
-        self.fabric, self.cfg, self.server = fabric, cfg, server
-        self.core = server.core
-        self.model = model
-        self.spec = FlatSpec(model)
-        self.loss_fn = make_loss(splits.task)
-        self.metrics = TaskMetrics(splits.task, device="cpu")
-        self.train_set = splits.train  # only its length is reported (n_train)
-        self.join_timeout = join_timeout
-        self._lr_holder = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
-        self._lr_sched = make_scheduler(self._lr_holder, cfg.train)
-        self._extras: dict[str, Any] = {}
-        self._epsilon_history: list[list[float]] = []
-
-    def train_epoch(self, epoch: int, desc: str) -> float:
-        self.server.wait_for_sites(self.join_timeout, epoch)
-        loss, self._extras = self.server.run_round(epoch, self.lr())
-        self.spec.load_into(self.model, self.core.global_flat)
-        if self._lr_sched is not None:
-            self._lr_holder.step()
-            self._lr_sched.step()
-        if self.server.epsilons:
-            eps = [self.server.epsilons.get(i, math.nan) for i in range(self.server.num_sites)]
-            self._epsilon_history.append(eps)
-            self._extras["epsilon_max"] = float(np.nanmax(eps))
-        return loss
-
-    def evaluate(self, dataset: Any) -> dict[str, Any]:
-        self.model.eval()
-        self.metrics.reset()
-        with torch.no_grad():
-            for images, targets in eval_loader(dataset, self.cfg.train.eval_batch_size):
-                logits = self.model(images.to(self.fabric.device)).cpu()
-                self.metrics.update(logits, targets, loss=self.loss_fn(logits, targets).item())
-        return self.metrics.compute()
-
-    def lr(self) -> float:
-        return self._lr_holder.param_groups[0]["lr"]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "core": self.core.state_dict(),
-            "lr": self._lr_holder.state_dict(),
-            "lr_sched": self._lr_sched.state_dict() if self._lr_sched is not None else None,
-            "epsilon_history": self._epsilon_history,
-            "epsilons": dict(self.server.epsilons),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.core.load_state_dict(state["core"])
-        self.spec.load_into(self.model, self.core.global_flat)
-        self._lr_holder.load_state_dict(state["lr"])
-        if self._lr_sched is not None and state.get("lr_sched") is not None:
-            self._lr_sched.load_state_dict(state["lr_sched"])
-        self._epsilon_history = state["epsilon_history"]
-        self.server.epsilons.update(state.get("epsilons", {}))
-
-    def model_state(self) -> dict[str, Any]:
-        return self.model.state_dict()
-
-    def load_model_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state)
-
-    def epoch_extras(self) -> dict[str, Any]:
-        return dict(self._extras)
-
-    def result_extras(self) -> dict[str, Any]:
-        core = self.core
-        out = core.summary(self.server.num_sites, transport="gRPC, one process per party")
-        if self.server.epsilons:
-            per_site = [self.server.epsilons.get(i, math.nan) for i in range(self.server.num_sites)]
-            out["privacy"] = fed_privacy_summary(
-                self.cfg, per_site, self._epsilon_history,
-                "opacus RDP per site, reported by the sites (sample-level DP at each hospital)",
-            )
-        return out
-
-
-# ============================================================================ site
-
-
-class FedSiteClient:
-    """One hospital: joins the federation, trains when sampled, submits its update; retries while the server is away."""
-
-    def __init__(
-        self,
-        cfg: RunConfig,
-        site: int,
-        channel: grpc.Channel,
-        out_dir: str | Path,
-        *,
-        run_id: Optional[str] = None,
-        secret_key_file: Optional[str | Path] = None,
-        connect_timeout: float = 120.0,
-        log: Callable[[str], Any] = print,
-    ) -> None:
-        self.cfg, self.site, self.log = cfg, site, log
-        self.stub = pb_grpc.FederationServiceStub(channel)
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.run_id = run_id or default_run_id(cfg)
-        self.fingerprint = run_fingerprint(cfg)
-        self.connect_timeout = connect_timeout
-        splits = load_splits(cfg.data)
-        parts = partition_dataset(splits.train, cfg.data.partition)
-        if not 0 <= site < len(parts):
-            raise ValueError(f"site {site} is not one of the {len(parts)} sites of the partition")
-        self.device = torch.device("cpu")
-        self.model = build_fed_model(cfg, splits.task.num_outputs, splits.task.n_channels).to(self.device)
-        self.spec = FlatSpec(self.model)
-        self.trainer = Site(site, parts[site], cfg, make_loss(splits.task), self.device)
-        fed = cfg.fed
-        self.compressor = TopKCompressor(self.spec.size, fed.topk_fraction) if fed.secure == "none" and fed.topk_fraction > 0 else None
-        self.he_mask = self.spec.select(fed.he_layers) if fed.secure == "he" else None
-        self.secret_ctx = None
-        self.context_fp = b""
-        if fed.secure == "he":
-            if secret_key_file is None or not Path(secret_key_file).is_file():
-                raise FileNotFoundError(f"fed.secure: he: the consortium's secret key file {secret_key_file} is missing")
-            self.secret_ctx = load_secret_context(secret_key_file)
-            self.context_fp = _context_fp(self.secret_ctx)
-        self.session = b""
-        self.seq = 0
-        self.next_round = 0
-        self.rounds_trained: list[int] = []
-        self._load_state()
-
-    # ------------------------------------------------------------------ persistence (DP accountant, top-k residual)
-
-    def _load_state(self) -> None:
-        path = self.out_dir / SITE_STATE
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if state.get("run_id") == self.run_id:
-                self.trainer.load_state_dict(state["site"])
-                if self.compressor is not None and state.get("residual") is not None:
-                    self.compressor.residual = np.asarray(state["residual"], dtype=np.float32)
-                self.next_round = int(state["next_round"])
-                self.rounds_trained = list(state.get("rounds_trained", []))
-
-    def _save_state(self) -> None:
-        save_checkpoint(
-            self.out_dir / SITE_STATE,
-            {
-                "run_id": self.run_id,
-                "site": self.trainer.state_dict(),
-                "residual": self.compressor.residual if self.compressor is not None else None,
-                "next_round": self.next_round,
-                "rounds_trained": self.rounds_trained,
-            },
-        )
-
-    # ------------------------------------------------------------------ calls
-
-    def header(self, *, opening: bool = False) -> pb.RequestHeader:
-        if opening:
-            return pb.RequestHeader(protocol_version=PROTOCOL_VERSION, run_id=self.run_id, config_fingerprint=self.fingerprint, site_id=self.site)
-        self.seq += 1
-        return pb.RequestHeader(
-            protocol_version=PROTOCOL_VERSION, run_id=self.run_id, config_fingerprint=self.fingerprint,
-            site_id=self.site, session_id=self.session, sequence=self.seq,
-        )
-
-    def join(self) -> pb.FedRunInfo:
-        req = pb.JoinRequest(
-            header=self.header(opening=True), client_nonce=os.urandom(JOIN_NONCE_BYTES),
-            sample_count=len(self.trainer), context_fingerprint=self.context_fp, client_version=SERVER_VERSION,
-        )
-        responses = iter(self.stub.Join(req, timeout=30))
-        first = next(responses)
-        for _ in responses:
-            pass
-        self.session, self.seq = first.run.session.session_id, 0
-        self.info = first.run
-        self.next_round = 0  # a new session (perhaps a restarted server): ask for whatever round is open
-        self.log(f"[site {self.site}] joined run {self.run_id} ({len(self.trainer)} samples)")
-        return first.run
-
-    def _retrying(self, fn: Callable[[], Any], rejoin: bool = True) -> Any:
-        """Run ``fn``; while the server is unreachable (or has forgotten our session) rejoin with backoff."""
-        delay, since = 0.2, None
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as err:
-                e = RemoteError.from_rpc(err)
-                transient = e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
-                if not transient and e.error_code != pb.ERROR_CODE_UNKNOWN_SESSION:
-                    raise e from None
-                since = since or time.monotonic()
-                if time.monotonic() - since > self.connect_timeout:
-                    raise RemoteError(e.code, f"server unreachable for {self.connect_timeout:.0f} s: {e.message}", e.detail) from None
-                self.log(f"[site {self.site}] {e.code.name}: {e.message[:120]}; retrying in {delay:.1f} s")
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                if rejoin:
-                    try:
-                        self.join()
-                    except grpc.RpcError:
-                        pass
-
-    def download(self, round_index: int, part: int) -> bytes:
-        responses = iter(self.stub.DownloadModel(pb.DownloadModelRequest(header=self.header(), round=round_index, part=part), timeout=600))
-        first = next(responses)
-        if not first.HasField("descriptor"):
-            raise RemoteError(grpc.StatusCode.INTERNAL, "download without a descriptor")
-
-        def chunks() -> Iterator[pb.Chunk]:
-            if first.HasField("chunk"):
-                yield first.chunk
-            for msg in responses:
-                yield msg.chunk
-
-        data = assemble(chunks(), int(first.descriptor.size))
-        if hashlib.sha256(data).digest() != first.descriptor.sha256:
-            raise RemoteError(grpc.StatusCode.DATA_LOSS, "downloaded payload does not match its descriptor")
-        return data
-
-    def submit(self, meta: pb.UpdateMeta, parts: list[tuple[int, bytes]]) -> pb.SubmitUpdateResponse:
-        ids = [new_transfer_id() for _ in parts]
-        for (enc, data), tid in zip(parts, ids):
-            meta.parts.append(pb.UpdatePart(encoding=enc, transfer_id=tid, size=len(data)))
-
-        def messages() -> Iterator[pb.SubmitUpdateRequest]:
-            yield pb.SubmitUpdateRequest(header=self.header(), meta=meta)
-            for (_, data), tid in zip(parts, ids):
-                for chunk in split_payload(data, DEFAULT_CHUNK_SIZE, tid):
-                    yield pb.SubmitUpdateRequest(chunk=chunk)
-
-        return self.stub.SubmitUpdate(messages(), timeout=600)
-
-    # ------------------------------------------------------------------ the loop
-
-    def run(self, poll_ms: int = 5000) -> list[int]:
-        """Take part until the server says the run is over; the rounds this site trained."""
-        self._retrying(self.join, rejoin=False)
-        while True:
-            info: pb.RoundInfo = self._retrying(
-                lambda: self.stub.GetRound(pb.GetRoundRequest(header=self.header(), min_round=self.next_round, max_wait_ms=poll_ms), timeout=poll_ms / 1000 + 30)
-            )
-            if info.state == pb.ROUND_STATE_FINISHED:
-                self.log(f"[site {self.site}] the run is over; trained rounds {[r + 1 for r in self.rounds_trained]}")
-                return self.rounds_trained
-            if info.decrypt_aggregate:
-                self._retrying(lambda info=info: self._decrypt(info))
-                continue
-            if info.state != pb.ROUND_STATE_TRAINING or info.round < self.next_round:
-                continue
-            if info.sampled:
-                try:
-                    self._retrying(lambda info=info: self._train_round(info))
-                except RemoteError as e:
-                    if e.error_code in (pb.ERROR_CODE_DEADLINE_PASSED, pb.ERROR_CODE_OUT_OF_ORDER, pb.ERROR_CODE_NOT_SAMPLED):
-                        self.log(f"[site {self.site}] round {info.round + 1}: {e.message}")
-                    else:
-                        raise
-            self.next_round = info.round + 1
-            self._save_state()
-
-    def _train_round(self, info: pb.RoundInfo) -> None:
-        r = info.round
-        flat = vector_from_bytes(self.download(r, pb.MODEL_PART_GLOBAL_MODEL), "global model", self.spec.size)
-        self.spec.load_into(self.model, flat)
-        update, loss = self.trainer.train(self.model, self.spec, flat, r, info.lr)
-        n_k = len(self.trainer)
-        if self.cfg.fed.secure == "masks":
-            self._masked_update(r, update, n_k, loss)
-            return
-        meta = pb.UpdateMeta(round=r, sample_count=n_k, train_loss=loss)
-        if self.trainer.dp:
-            meta.epsilon = self.trainer.epsilon()
-        try:
-            plain, enc = package_update(
-                self.cfg, update, n_k, size=self.spec.size, he_mask=self.he_mask, secret_ctx=self.secret_ctx,
-                value_bound=info.he_value_bound or None, compressor=self.compressor,
-            )
-        except (ValueError, RuntimeError) as exc:
-            self.log(f"[site {self.site}] round {r + 1}: update could not be packaged: {exc}")
-            return
-        if self.cfg.fed.secure == "he":
-            parts = [(pb.UPDATE_ENCODING_FLOAT32, plain), (pb.UPDATE_ENCODING_CKKS, enc)]
-        elif self.compressor is not None:
-            parts = [(pb.UPDATE_ENCODING_TOPK, plain)]
-        else:
-            parts = [(pb.UPDATE_ENCODING_FLOAT32, plain)]
-        resp = self.submit(meta, parts)
-        self.rounds_trained.append(r)
-        self.log(f"[site {self.site}] round {r + 1}: loss {loss:.4f}, update {'accepted' if resp.accepted else 'refused: ' + resp.reason}")
-
-    def sa_submit(self, r: int, kind: int, blob: bytes, **meta: Any) -> pb.SecAggSubmitResponse:
-        def messages() -> Iterator[pb.SecAggSubmitRequest]:
-            yield pb.SecAggSubmitRequest(header=self.header(), meta=pb.SecAggSubmitMeta(round=r, type=kind, **meta))
-            for chunk in split_payload(blob, DEFAULT_CHUNK_SIZE):
-                yield pb.SecAggSubmitRequest(chunk=chunk)
-
-        resp = self.stub.SecAggSubmit(messages(), timeout=600)
-        step = {pb.SECAGG_MESSAGE_TYPE_ADVERTISE_KEYS: "advertise_keys", pb.SECAGG_MESSAGE_TYPE_SHARE_KEYS: "share_keys",
-                pb.SECAGG_MESSAGE_TYPE_MASKED_INPUT: "masked_input"}.get(kind)
-        if step is not None and os.environ.get(DIE_AFTER_ENV) == step:  # test hook: a hospital lost mid-round
-            self.log(f"[site {self.site}] round {r + 1}: {DIE_AFTER_ENV}={step}: dying now")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return resp
-
-    def sa_fetch(self, r: int, kind: int, patience_s: float) -> bytes:
-        """Long-poll the server's next secure-aggregation message for this site."""
-        deadline = time.monotonic() + patience_s
-        while True:
-            responses = iter(self.stub.SecAggFetch(pb.SecAggFetchRequest(header=self.header(), round=r, type=kind, max_wait_ms=5000), timeout=60))
-            first = next(responses)
-            if first.status.ready:
-                return assemble((m.chunk for m in responses), 1 << 40)
-            if time.monotonic() > deadline:
-                raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED, f"secure-aggregation message {kind} of round {r + 1} never came")
-
-    def _masked_update(self, r: int, update: np.ndarray, n_k: int, loss: float) -> None:
-        """fed.secure masks: the four-step exchange of Bonawitz et al. (splitfl/fed/secagg/) for this round."""
-
-        problem = check_update(update, self.spec.size)
-        if problem:  # the site's own software screens it before masking; the server sees a dropout
-            self.log(f"[site {self.site}] round {r + 1}: not sending a bad update ({problem})")
-            return
-        patience = 3600.0
-        client = sa.SecAggClient(self.site, r)
-        self.sa_submit(r, pb.SECAGG_MESSAGE_TYPE_ADVERTISE_KEYS, client.advertise_keys().to_bytes())
-        broadcast = sa.KeyBroadcast.from_bytes(self.sa_fetch(r, pb.SECAGG_MESSAGE_TYPE_KEY_BROADCAST, patience))
-        self.sa_submit(r, pb.SECAGG_MESSAGE_TYPE_SHARE_KEYS, client.share_keys(broadcast).to_bytes())
-        delivery = sa.ShareDelivery.from_bytes(self.sa_fetch(r, pb.SECAGG_MESSAGE_TYPE_SHARE_DELIVERY, patience))
-        extra: dict[str, Any] = {"sample_count": n_k, "train_loss": loss}
-        if self.trainer.dp:
-            extra["epsilon"] = self.trainer.epsilon()
-        masked = client.masked_input(delivery, float(n_k) * update)
-        self.sa_submit(r, pb.SECAGG_MESSAGE_TYPE_MASKED_INPUT, masked.to_bytes(), **extra)
-        request = sa.UnmaskRequest.from_bytes(self.sa_fetch(r, pb.SECAGG_MESSAGE_TYPE_UNMASK_REQUEST, patience))
-        self.sa_submit(r, pb.SECAGG_MESSAGE_TYPE_UNMASK_RESPONSE, client.unmask(request).to_bytes())
-        self.rounds_trained.append(r)
-        self.log(f"[site {self.site}] round {r + 1}: loss {loss:.4f}, masked update sent and unmasked")
-
-    def _decrypt(self, info: pb.RoundInfo) -> None:
-        r = info.round
-        summed = self.download(r, pb.MODEL_PART_ENCRYPTED_AGGREGATE)
-        mean, total = decrypt_aggregate(self.secret_ctx, summed, int(self.he_mask.sum()))
-        resp = self.submit(pb.UpdateMeta(round=r, sample_count=int(round(total))), [(pb.UPDATE_ENCODING_DECRYPTED_MEAN, vector_bytes(mean))])
-        self.log(f"[site {self.site}] round {r + 1}: decrypted the aggregate of {total:.0f} samples ({'accepted' if resp.accepted else resp.reason})")
