@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitfl.variants import CompareConfig
+from jsonargparse import ArgumentParser
+
+from splitfl.variants import CompareConfig, variants_parser
 
 
 @dataclass
@@ -36,3 +38,14 @@ class AttackSettings:
 @dataclass
 class AttackConfig(CompareConfig):
     attack: AttackSettings = field(default_factory=AttackSettings)
+
+
+def build_attack_parser() -> ArgumentParser:
+    """``splitfl attack``'s command line."""
+    return variants_parser(
+        AttackConfig,
+        "Train each variant with the server's view recorded (reused when finished), run the attacks for its "
+        "regime on that view, and score them: OUT/NAME/{leakage.json,montage.png}, OUT/leakage_summary.{md,csv,json,png}.",
+        "YAML: run config keys (no regime), 'variants' and 'attack'",
+        "comma-separated variant names to attack",
+    )

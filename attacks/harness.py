@@ -24,20 +24,31 @@ if TYPE_CHECKING:
 
 import attacks.split_inversion as split_inversion
 from attacks.config import AttackConfig, AttackSettings
-from attacks.fed_inversion import aggregate_observations, build_attack_model, fed_observations, invert
+from attacks.fed_inversion import (
+    aggregate_observations,
+    build_attack_model,
+    fed_observations,
+    invert,
+)
 from attacks.fellow_inversion import FELLOW_PREFIX, attack_relay
 from attacks.leakage import MIN_DISTRACTORS, chance_summary
 from attacks.plots import plot_montage, plot_summary
 from attacks.reconstruction import Reconstruction
 from attacks.runtime import torch_threads
-from attacks.scoring import ScoredImage, curves, distractor_pool, label_accuracy, score_observation
+from attacks.scoring import (
+    ScoredImage,
+    curves,
+    distractor_pool,
+    label_accuracy,
+    score_observation,
+)
 from attacks.split_inversion import label_leakage
 from splitfl.artifacts import write_csv, write_json, write_text
 from splitfl.data import load_splits, partition_dataset
 from splitfl.runs import is_finished
 from splitfl.runs.transcript import read_transcript
 from splitfl.train import run
-from splitfl.variants import CompareError, Variant, parse_only, plan, variants_parser
+from splitfl.variants import CompareError, Variant, parse_only, plan
 
 SUMMARY_FILES = ("leakage_summary.md", "leakage_summary.csv", "leakage_summary.json", "leakage_summary.png")
 
@@ -387,16 +398,6 @@ def summary_markdown(rows: list[dict[str, Any]], settings: AttackSettings) -> st
 
 
 __all__ = ["ATTACKS", "AttackConfig", "AttackSettings", "Reconstruction", "SiteData", "Variant", "run_attacks"]
-
-
-def build_attack_parser() -> Any:
-    return variants_parser(
-        AttackConfig,
-        "Train each variant with the server's view recorded (reused when finished), run the attacks for its "
-        "regime on that view, and score them: OUT/NAME/{leakage.json,montage.png}, OUT/leakage_summary.{md,csv,json,png}.",
-        "YAML: run config keys (no regime), 'variants' and 'attack'",
-        "comma-separated variant names to attack",
-    )
 
 
 def cmd_attack(ns: Any) -> None:

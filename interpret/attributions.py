@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from interpret.options import METHODS
+
 from .targets import gradcam_layer, smooth_nonlinearities, vit_token_layout
 
 __all__ = [
@@ -60,7 +62,6 @@ __all__ = [
     "resolve_target",
 ]
 
-METHODS: tuple[str, ...] = ("integrated_gradients", "gradcam", "occlusion", "smoothgrad")
 EXTRA_METHODS: tuple[str, ...] = ("deeplift",)
 # splitfl's datasets serve images normalised with mean 0.5, std 0.5.
 DEFAULT_VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from splitfl.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UserError, ValueError):
     """Images that cannot be explained by this model: says which file, what is wrong and what to do."""
 
 

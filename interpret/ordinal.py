@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from interpret.attributions import METHODS, attribute, ig_completeness_gap
+from interpret.attributions import attribute, ig_completeness_gap
+from interpret.options import DEFAULT_ORDINAL_METHODS, METHODS
 from splitfl.data.base import TaskInfo
 from splitfl.metrics import TaskMetrics
 
@@ -58,9 +59,6 @@ __all__ = [
     "per_grade_maps",
 ]
 
-# Integrated Gradients (signed, complete) and Grad-CAM (coarse, cheap): per-grade maps cost one
-# attribution per grade and method, so Occlusion and SmoothGrad are left out by default.
-DEFAULT_ORDINAL_METHODS: tuple[str, ...] = ("integrated_gradients", "gradcam")
 # International Clinical Diabetic Retinopathy scale, short words (grades 1-3 are non-proliferative DR).
 ICDR_WORDS: tuple[str, ...] = ("no DR", "mild", "moderate", "severe", "proliferative")
 # Integrated Gradients of the contrast: steps doubled from 32 up to 256 until the attributions add up to

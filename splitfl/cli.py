@@ -12,28 +12,12 @@ from typing import Callable, Optional
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
-from attacks.harness import build_attack_parser, cmd_attack
-from interpret.images import ImageInputError
-from interpret.report import ReportError, build_report_parser, cmd_report
-from splitfl.compare import CompareError, build_compare_parser, cmd_compare
-from splitfl.config import instantiate, run_config_from_namespace, run_config_parser
-from splitfl.data import load_splits, partition_dataset, summary_table
-from splitfl.data.base import DataError
-from splitfl.engine import RunError, exit_on_user_error
-from splitfl.models import ModelError
-from splitfl.net.certs import PkiError
-from splitfl.net.certs import cmd_certs as make_certs
-from splitfl.net.launch import join, make_consortium_keys, serve, simulate
-from splitfl.pretrain.config import PretrainError, build_pretrain_parser, config_from_namespace
-from splitfl.pretrain.runner import run as pretrain
-from splitfl.runs.model import RunLoadError
-from splitfl.train import build_train_parser, cmd_train
-
-# Errors a user can fix: printed as one line, not a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    DataError, ModelError, RunError, CompareError, PkiError, FileNotFoundError, ReportError, RunLoadError,
-    ImageInputError, PretrainError,
-)
+from attacks.config import build_attack_parser
+from interpret.options import build_report_parser
+from splitfl.config import build_train_parser, instantiate, run_config_parser
+from splitfl.errors import exit_on_user_error
+from splitfl.pretrain.config import build_pretrain_parser
+from splitfl.variants import build_compare_parser
 
 
 def build_parser() -> ArgumentParser:
@@ -114,72 +98,29 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def cmd_pretrain(ns: Namespace) -> None:
-    pretrain(config_from_namespace(ns), ns.out)
-
-
-def cmd_serve(ns: Namespace) -> None:
-    serve(run_config_from_namespace(ns), ns.out, ns.pki, ns.address, ns.insecure, round_timeout=ns.round_timeout,
-          join_timeout=ns.join_timeout, run_id=ns.run_id, public_context=ns.public_context, phase_timeout=ns.phase_timeout)
-
-
-def cmd_join(ns: Namespace) -> None:
-    join(run_config_from_namespace(ns), ns.site, ns.server, ns.pki, ns.out, ns.insecure, run_id=ns.run_id, keys=ns["keys"],
-         connect_timeout=ns.connect_timeout)
-
-
-def cmd_keys(ns: Namespace) -> None:
-    cfg = run_config_from_namespace(ns)
-    made = make_consortium_keys(ns.pki, cfg)
-    kind = (f"CKKS secret context, preset {made.preset} ({made.what})" if made.preset else
-            "relay sealing key; split-plain uses no HE keys")
-    print(f"{cfg.regime}: hospitals' shared key {made.key_file}  ({kind}; never give it to the server)")
-    for copy in made.site_copies:
-        print(f"  copy in {copy.parent.name}'s folder: {copy}")
-    if made.public is not None:
-        print(f"server's public context {made.public}  (in the server's folder)")
-    elif made.preset:
-        print("server: nothing to add: the split server receives the public context from a hospital at run time")
-
-
-def cmd_simulate(ns: Namespace) -> None:
-    metrics = simulate(run_config_from_namespace(ns), ns.out, ns.sites, ns.insecure, round_timeout=ns.round_timeout)
-    print(f"simulate: test macro AUROC {metrics['test']['auroc_macro']:.4f}; server results in {ns.out}/server/metrics.json")
-
-
-def cmd_certs(ns: Namespace) -> None:
-    make_certs(ns.out, ns.sites, ns.names, ns.overwrite)
-
-
-def cmd_data_summary(ns: Namespace) -> None:
-    cfg = run_config_from_namespace(ns)
-    splits = load_splits(cfg.data)
-    task = splits.task
-    print(f"task: {task.name} ({task.task_type}), labels: {', '.join(task.label_names)}, channels: {task.n_channels}")
-    print(f"source: {splits.source}")
-    for name in ("train", "val", "test"):
-        ds = getattr(splits, name)
-        counts = ", ".join(f"{lbl}={c}" for lbl, c in zip(task.label_names, ds.class_counts()))
-        print(f"{name:>5}: {len(ds):6d} images  [{counts}]")
-    p = cfg.data.partition
-    parts = partition_dataset(splits.train, p)
-    print(f"\ntraining split over {len(parts)} sites ({p.scheme}, alpha={p.alpha}, seed={p.seed}):")
-    print(summary_table(splits.train, parts))
-
-
-COMMANDS: dict[tuple[str, ...], Callable[[Namespace], None]] = {
-    ("train",): cmd_train,
-    ("pretrain",): cmd_pretrain,
-    ("compare",): cmd_compare,
-    ("attack",): cmd_attack,
-    ("report",): cmd_report,
-    ("certs",): cmd_certs,
-    ("serve",): cmd_serve,
-    ("join",): cmd_join,
-    ("simulate",): cmd_simulate,
-    ("keys",): cmd_keys,
-    ("data", "summary"): cmd_data_summary,
+# What each command runs, as "module:function". Every parser above is built from torch-free modules; a
+# command's module (which loads torch, timm, TenSEAL, Captum: about 4 s) is imported only when the command
+# runs, so `splitfl --help` and `splitfl CMD --help` answer at once. The CLI is the top layer: these are
+# lazy imports for start-up time, not a way around the layer contract.
+COMMANDS: dict[tuple[str, ...], str] = {
+    ("train",): "splitfl.train:cmd_train",
+    ("pretrain",): "splitfl.commands:cmd_pretrain",
+    ("compare",): "splitfl.compare:cmd_compare",
+    ("attack",): "attacks.harness:cmd_attack",
+    ("report",): "interpret.report:cmd_report",
+    ("certs",): "splitfl.commands:cmd_certs",
+    ("serve",): "splitfl.commands:cmd_serve",
+    ("join",): "splitfl.commands:cmd_join",
+    ("simulate",): "splitfl.commands:cmd_simulate",
+    ("keys",): "splitfl.commands:cmd_keys",
+    ("data", "summary"): "splitfl.commands:cmd_data_summary",
 }
+
+
+def command_handler(key: tuple[str, ...]) -> Callable[[Namespace], None]:
+    """The function that runs command ``key``, imported now (see :data:`COMMANDS`)."""
+    module, function = COMMANDS[key].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 BENCHMARKS: dict[str, str] = {
@@ -212,8 +153,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if ns.command == "data":
         key = ("data", sub_ns.action)
         sub_ns = sub_ns[sub_ns.action]
-    with exit_on_user_error(f"splitfl {' '.join(key)}", USER_ERRORS):
-        COMMANDS[key](sub_ns)
+    with exit_on_user_error(f"splitfl {' '.join(key)}"):
+        command_handler(key)(sub_ns)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from jsonargparse import ArgumentParser
-
 from splitfl.artifacts import write_csv, write_json, write_text
 from splitfl.engine import RunError
 from splitfl.plots import plot_comparison
@@ -45,7 +43,6 @@ from splitfl.variants import (
     parse_only,
     plan_cells,
     pretrain_dir,
-    variants_parser,
 )
 
 
@@ -353,16 +350,6 @@ def _write(cells: list[Cell], out: Path, title: str, config_path: str | None,
             title = f"{tasks.pop()}: regimes compared"
         write_comparison(rows, out, title, config_path, published)
     return rows
-
-
-def build_compare_parser() -> ArgumentParser:
-    return variants_parser(
-        CompareConfig,
-        "Run several regimes (variants of one base run config) on the same data, sites and seed, each "
-        "into OUT/NAME (resumable; finished variants are reused), and tabulate them in OUT/comparison.{md,csv,json,png}.",
-        "YAML: run config keys (no regime) plus 'variants'",
-        "comma-separated variant names to run",
-    )
 
 
 def cmd_compare(ns: Any) -> None:

@@ -218,6 +218,15 @@ def run_config_parser(description: str) -> ArgumentParser:
     return parser
 
 
+def build_train_parser() -> ArgumentParser:
+    """``splitfl train``'s command line; also the one ``fabric run splitfl/train.py`` parses."""
+    parser = run_config_parser(
+        "Train a model (regimes: centralized, local, split-plain, split-he, split-he-full, fedavg, fedprox) and write "
+        "metrics.json, history.csv, checkpoints, plots.")
+    parser.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
+    return parser
+
+
 def run_config_from_namespace(ns: Any) -> RunConfig:
     """A parsed namespace (already holding dataclass instances) as one RunConfig."""
     return RunConfig(**{f.name: ns[f.name] for f in fields(RunConfig)})

@@ -20,15 +20,22 @@ if __name__ == "__main__":  # launched as a script (fabric run / torchrun): don'
 import time
 from typing import Any, Optional
 
-from jsonargparse import ArgumentParser
-
 from splitfl.central import run_centralized, run_local
-from splitfl.config import RunConfig, instantiate, run_config_from_namespace, run_config_parser
+from splitfl.config import (
+    RunConfig,
+    build_train_parser,
+    instantiate,
+    run_config_from_namespace,
+)
 from splitfl.data import load_splits
-from splitfl.data.base import DataError
-from splitfl.engine import RunError, exit_on_user_error, launched_by_fabric_cli, make_fabric, write_run_metrics
+from splitfl.engine import (
+    RunError,
+    launched_by_fabric_cli,
+    make_fabric,
+    write_run_metrics,
+)
+from splitfl.errors import exit_on_user_error
 from splitfl.fed.runner import run_fed
-from splitfl.models import ModelError
 from splitfl.split.runner import run_split
 
 REGIMES = {
@@ -62,15 +69,6 @@ def run(cfg: RunConfig, out: str | Path) -> dict[str, Any]:
     return write_run_metrics(cfg, splits, result, t0, out_dir, fabric.print if fabric.is_global_zero else None)
 
 
-def build_train_parser() -> ArgumentParser:
-    """``splitfl train``'s command line (also the one ``fabric run splitfl/train.py`` parses)."""
-    parser = run_config_parser(
-        "Train a model (regimes: centralized, local, split-plain, split-he, split-he-full, fedavg, fedprox) and write "
-        "metrics.json, history.csv, checkpoints, plots.")
-    parser.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
-    return parser
-
-
 def cmd_train(ns: Any) -> None:
     run(run_config_from_namespace(ns), ns.out)
 
@@ -79,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point for ``fabric run splitfl/train.py --config FILE --out DIR``."""
     parser = build_train_parser()
     ns = instantiate(parser, parser.parse_args(sys.argv[1:] if argv is None else argv))
-    with exit_on_user_error("splitfl train", (RunError, DataError, ModelError, FileNotFoundError)):
+    with exit_on_user_error("splitfl train"):
         cmd_train(ns)
 
 

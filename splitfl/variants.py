@@ -29,6 +29,7 @@ from splitfl.config import (
     run_config_from_dict,
 )
 from splitfl.config_help import add_field_help
+from splitfl.errors import UserError
 
 # The regimes a variant can name: exactly those RunConfig.regime accepts.
 Regime = typing.get_type_hints(RunConfig)["regime"]
@@ -38,7 +39,7 @@ OUTPUT_FILES = ("comparison.md", "comparison.csv", "comparison.json", "compariso
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,99}")
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """The compare config or the command line cannot be used as given; the message says why."""
 
 
@@ -260,6 +261,17 @@ def variants_parser(config_cls: type, description: str, config_help: str, only_h
     parser.add_argument("--out", type=str, required=True, help="output folder; rerun with the same folder to resume")
     parser.add_argument("--only", type=str | None, default=None, help=only_help)
     return parser
+
+
+def build_compare_parser() -> ArgumentParser:
+    """``splitfl compare``'s command line."""
+    return variants_parser(
+        CompareConfig,
+        "Run several regimes (variants of one base run config) on the same data, sites and seed, each "
+        "into OUT/NAME (resumable; finished variants are reused), and tabulate them in OUT/comparison.{md,csv,json,png}.",
+        "YAML: run config keys (no regime) plus 'variants'",
+        "comma-separated variant names to run",
+    )
 
 
 def parse_only(ns: Any) -> list[str] | None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from splitfl.cli import COMMANDS, command_handler
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("splitfl", "attacks", "interpret")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -73,3 +75,24 @@ def test_no_function_level_imports_of_the_project() -> None:
                         if "proto" not in path.parts for hit in _function_level_imports(path)})
     assert not offenders, "move these imports to the top of their modules (a cycle means a layer is wrong):\n" + \
         "\n".join(offenders)
+
+
+HEAVY_MODULES = ("torch", "timm", "tenseal", "captum", "lightning", "opacus", "grpc")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["attack", "--help"], ["report", "--help"],
+                                  ["compare", "--help"], ["serve", "--help"]])
+def test_help_loads_no_heavy_dependency(argv: list[str]) -> None:
+    """`splitfl [CMD] --help` builds every parser from torch-free modules: the help never waits on torch."""
+    code = ("import sys\nfrom splitfl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"loaded = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+            "print('LOADED', loaded, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "usage:" in proc.stdout
+    assert "LOADED []" in proc.stderr, f"splitfl {' '.join(argv)} imported {proc.stderr.strip().splitlines()[-1]}"
+
+
+def test_every_command_resolves_to_a_function() -> None:
+    """The lazy command table names functions that exist (a typo would surface only when a user runs it)."""
+    for key in COMMANDS:
+        assert callable(command_handler(key)), key

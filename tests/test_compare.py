@@ -212,7 +212,7 @@ def test_default_variants_and_shipped_configs():
     assert configs["fedavg+dp"].fed.dp_target_epsilon == 8.0 and configs["fedavg+he"].fed.secure == "he"
     assert configs["split-he"].regime == "split-he" and configs["fedavg"].fed.secure == "none"
 
-    from splitfl.compare import build_compare_parser
+    from splitfl.variants import build_compare_parser
 
     repo = Path(__file__).resolve().parents[1]
     parser = build_compare_parser()
@@ -320,7 +320,7 @@ def _parsed(path: Path) -> CompareConfig:
     """A compare config file parsed as ``splitfl compare`` parses it."""
     import dataclasses
 
-    from splitfl.compare import build_compare_parser
+    from splitfl.variants import build_compare_parser
 
     parser = build_compare_parser()
     ns = parser.instantiate(parser.parse_args(["--config", str(path), "--out", "x"]))

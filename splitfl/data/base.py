@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from splitfl.errors import UserError
+
 TaskType = Literal["binary", "multiclass", "ordinal", "multilabel"]
 TASK_TYPES: tuple[str, ...] = ("binary", "multiclass", "ordinal", "multilabel")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad or missing input data; the message says which file/key and what to do."""
 
 

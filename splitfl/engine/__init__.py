@@ -5,7 +5,7 @@ Layering: ``data``, ``models`` and ``he`` sit below this package; the regimes
 another's runners; ``train`` dispatches to them. ``pyproject.toml`` declares the
 layers and ``tests/test_architecture.py`` checks them with import-linter.
 """
-from splitfl.engine.errors import RunError, exit_on_user_error
+from splitfl.engine.errors import RunError
 from splitfl.engine.factories import (
     epoch_loader,
     eval_loader,
@@ -14,7 +14,14 @@ from splitfl.engine.factories import (
     make_optimizer,
     make_scheduler,
 )
-from splitfl.engine.loop import evaluate, fit, summarise, supervised_loss, train_one_epoch, write_run_metrics
+from splitfl.engine.loop import (
+    evaluate,
+    fit,
+    summarise,
+    supervised_loss,
+    train_one_epoch,
+    write_run_metrics,
+)
 from splitfl.engine.resume import (
     BEST_MODEL,
     CHECKPOINT,
@@ -27,7 +34,7 @@ from splitfl.engine.resume import (
 
 __all__ = [
     "BEST_MODEL", "CHECKPOINT", "RunError", "best_model_payload", "config_dict", "config_differences",
-    "epoch_loader", "eval_loader", "evaluate", "exit_on_user_error", "fit", "launched_by_fabric_cli", "load_resume_state",
+    "epoch_loader", "eval_loader", "evaluate", "fit", "launched_by_fabric_cli", "load_resume_state",
     "make_fabric", "make_optimizer", "make_scheduler", "resume_key", "summarise", "supervised_loss", "train_one_epoch",
     "write_run_metrics",
 ]

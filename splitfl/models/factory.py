@@ -19,6 +19,8 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
+from splitfl.errors import UserError
+
 __all__ = ["ModelError", "create_model", "SMALL_INPUT_VIT_PATCH"]
 
 # Patch size used for ViTs when ``small_input_stem`` is on and none is given:
@@ -28,7 +30,7 @@ SMALL_INPUT_VIT_PATCH = 4
 _SMALL_INPUT_MAX_SIZE = 64
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """Bad model name, argument, cut or checkpoint; the message says what to change."""
 
 

@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from splitfl.artifacts import write_bytes
+from splitfl.errors import UserError
 
 __all__ = [
     "DEFAULT_DAYS",
@@ -89,7 +90,7 @@ _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DNS_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
-class PkiError(ValueError):
+class PkiError(UserError, ValueError):
     """A user-fixable problem with a PKI folder or with the arguments to make one."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from splitfl.config_help import add_field_help
+from splitfl.errors import UserError
 
 SOURCE_KINDS: tuple[str, ...] = ("medmnist", "folder", "synthetic")
 # Splits a source may be drawn from: never 'test', the task's held-out evaluation set.
@@ -20,7 +21,7 @@ ALLOWED_SPLITS: tuple[str, ...] = ("train", "val")
 _SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 
-class PretrainError(ValueError):
+class PretrainError(UserError, ValueError):
     """A pretraining run cannot start or resume as configured; the message says what to change."""
 
 

@@ -19,13 +19,14 @@ from torch import nn
 
 from splitfl.config import run_config_from_dict
 from splitfl.data.base import TaskInfo
+from splitfl.errors import UserError
 from splitfl.fed.server import build_fed_model
 from splitfl.models import build_split_model
 
 FED_REGIMES = ("fedavg", "fedprox")
 
 
-class RunLoadError(ValueError):
+class RunLoadError(UserError, ValueError):
     """A run folder that cannot be turned into a model: says which file and what to do."""
 
 
