@@ -18,6 +18,7 @@ Only the scoring (:mod:`attacks.harness`) reads the hospitals' ground truth.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +126,6 @@ def aggregate_observations(transcript: Transcript, site_sizes: list[int], rounds
 
 def _he_mask(transcript: Transcript, size: int) -> np.ndarray:
     """Which coordinates were encrypted (fed.he_layers, matched on the recorded parameter names)."""
-    import fnmatch
 
     patterns = transcript.config["fed"].get("he_layers") or []
     mask = np.zeros(size, dtype=bool)

@@ -17,31 +17,20 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    import torch
+import numpy as np
+import torch
 
 import attacks.split_inversion as split_inversion
 from attacks.config import AttackConfig, AttackSettings
-from attacks.fed_inversion import (
-    aggregate_observations,
-    build_attack_model,
-    fed_observations,
-    invert,
-)
+from attacks.fed_inversion import aggregate_observations, build_attack_model, fed_observations, invert
 from attacks.fellow_inversion import FELLOW_PREFIX, attack_relay
 from attacks.leakage import MIN_DISTRACTORS, chance_summary
 from attacks.plots import plot_montage, plot_summary
 from attacks.reconstruction import Reconstruction
 from attacks.runtime import torch_threads
-from attacks.scoring import (
-    ScoredImage,
-    curves,
-    distractor_pool,
-    label_accuracy,
-    score_observation,
-)
+from attacks.scoring import ScoredImage, curves, distractor_pool, label_accuracy, score_observation
 from attacks.split_inversion import label_leakage
 from splitfl.artifacts import write_csv, write_json, write_text
 from splitfl.data import load_splits, partition_dataset
@@ -142,8 +131,6 @@ class SiteData:
 
     @classmethod
     def load(cls, run_cfg: Any, distractors: int) -> "SiteData":
-        import torch
-
         if distractors < MIN_DISTRACTORS:
             raise CompareError(f"attack.distractors={distractors}: the re-identification pool needs at least {MIN_DISTRACTORS}")
         splits = load_splits(run_cfg.data)
@@ -155,13 +142,9 @@ class SiteData:
         return cls(splits.task, sites, outside, tuple(outside.shape[1:]), auxiliary)
 
     def images(self, site: int, indices: list[int]) -> torch.Tensor:
-        import torch
-
         return torch.stack([self.sites[site][i][0] for i in indices])
 
     def labels(self, site: int, indices: list[int]) -> torch.Tensor:
-        import torch
-
         return torch.stack([torch.as_tensor(self.sites[site][i][1]) for i in indices])
 
     def site_images(self, site: int) -> torch.Tensor:
@@ -170,8 +153,6 @@ class SiteData:
 
 def score(recs: list[Reconstruction], data: SiteData, settings: AttackSettings) -> dict[str, Any]:
     """Every reconstruction against its ground truth: per-image rows, rates, curves, label accuracy."""
-    import numpy as np
-    import torch
 
     rows, pairs, label_acc = [], [], []
     pairs_by_view: dict[str, list[Any]] = {}

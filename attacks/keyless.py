@@ -13,6 +13,7 @@ then show.
 from __future__ import annotations
 
 import numpy as np
+import tenseal.sealapi as sa
 
 from splitfl.he.aggregation import load_update
 from splitfl.he.keys import engine_for, load_public_context
@@ -49,7 +50,6 @@ def zero_key_decryptor(engine: object) -> object:
     The attacker makes its own key generator (public parameters only) and zeroes the key's polynomial,
     so the reading goes through SEAL's own decryption and CKKS decoding, slot by slot.
     """
-    import tenseal.sealapi as sa
 
     sk = sa.KeyGenerator(engine.context).secret_key()
     sk.data().set_zero()
@@ -58,7 +58,6 @@ def zero_key_decryptor(engine: object) -> object:
 
 def ciphertext_slots_readout(ct: object, engine: object, decryptor: object | None = None) -> np.ndarray:
     """All CKKS slots (complex) of one ciphertext decrypted with s guessed 0 and decoded at its scale."""
-    import tenseal.sealapi as sa
 
     decryptor = decryptor if decryptor is not None else zero_key_decryptor(engine)
     pt = sa.Plaintext()

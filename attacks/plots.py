@@ -4,6 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
 import torch
 
 from attacks.metrics import to_unit
@@ -23,11 +27,6 @@ def _show(ax: Any, image: torch.Tensor) -> None:
 def plot_montage(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, str]], path: str | Path, title: str,
                  max_images: int = 16) -> Path:
     """Two rows: original images on top, the attack's paired reconstruction below (blank: none paired)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     items = [(o, r, label) for originals, paired, label in pairs for o, r in zip(originals, paired)][:max_images]
     n = max(len(items), 1)
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n + 0.6, 3.2), squeeze=False)
@@ -49,11 +48,6 @@ def plot_montage(pairs: Sequence[tuple[torch.Tensor, torch.Tensor, str]], path: 
 
 def plot_summary(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Leakage rate per variant (bars) and leakage against the margin over the mean image (curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 3.8))
     names = [r["variant"] for r in results]
     bars.bar(range(len(names)), [100 * r["leakage_rate"] for r in results], color="tab:red")

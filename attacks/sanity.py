@@ -17,6 +17,10 @@ import math
 import time
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import torch
 
@@ -99,11 +103,6 @@ def run_setting(method: str, batch: int, noise: float, data, model, args, local_
 
 
 def _plot(results: list[dict], out: Path, data) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for key, xs, fname, xlabel in (("batch_size", BATCH_SIZES, "ssim_vs_batch.png", "batch size"),
                                    ("noise", NOISE_LEVELS, "ssim_vs_noise.png", "noise std / ||g|| (per coordinate)")):
         fig, ax = plt.subplots(figsize=(5, 3.5))

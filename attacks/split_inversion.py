@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics.functional.classification import binary_auroc
 
 from attacks.keyless import ciphertext_slots_readout, zero_key_decryptor
 from attacks.reconstruction import Reconstruction
@@ -347,11 +348,11 @@ def attack_split(run_dir: Any, settings: Any, data: Any, transcript: Optional[Tr
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> Optional[float]:
-    from sklearn.metrics import roc_auc_score
-
+    """ROC AUC of ``scores`` for the ``positive`` flags (torchmetrics), None where one class is absent."""
     if len(scores) < 2 or positive.all() or not positive.any():
         return None
-    return float(roc_auc_score(positive.astype(int), np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)))
+    finite = torch.from_numpy(np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)).double()
+    return float(binary_auroc(finite, torch.from_numpy(positive.astype(np.int64))))
 
 
 def label_attack_scores(grads: torch.Tensor, reference: int) -> tuple[np.ndarray, np.ndarray]:

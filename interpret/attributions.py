@@ -39,6 +39,14 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from captum.attr import (
+    DeepLift,
+    IntegratedGradients,
+    LayerGradCam,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
+)
 from tqdm.auto import tqdm
 
 from interpret.options import METHODS
@@ -259,7 +267,6 @@ def _positive_int(name: str, value: Any) -> int:
 def _ig_chunk(
     model: nn.Module, x: torch.Tensor, t: torch.Tensor, base: torch.Tensor, o: dict[str, Any]
 ) -> torch.Tensor:
-    from captum.attr import IntegratedGradients
 
     n_steps = _positive_int("n_steps", o["n_steps"])
     # Captum splits the B x n_steps evaluations into chunks of internal_batch_size, but never
@@ -271,8 +278,6 @@ def _ig_chunk(
 
 
 def _cnn_gradcam_chunk(model: nn.Module, x: torch.Tensor, t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    from captum.attr import LayerGradCam
-
     cam = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
     if not isinstance(cam, torch.Tensor) or cam.dim() != 4:
         raise ValueError(
@@ -335,7 +340,6 @@ def _occlusion_windows(h: int, w: int, o: dict[str, Any]) -> tuple[tuple[int, in
 def _occlusion_chunk(
     model: nn.Module, x: torch.Tensor, t: torch.Tensor, base: torch.Tensor, o: dict[str, Any]
 ) -> torch.Tensor:
-    from captum.attr import Occlusion
 
     c, h, w = x.shape[1:]
     win, stride = _occlusion_windows(h, w, o)
@@ -354,7 +358,6 @@ def _occlusion_chunk(
 def _smoothgrad_chunk(
     model: nn.Module, x: torch.Tensor, t: torch.Tensor, o: dict[str, Any], value_range: tuple[float, float]
 ) -> torch.Tensor:
-    from captum.attr import NoiseTunnel, Saliency
 
     n = _positive_int("nt_samples", o["nt_samples"])
     per = o["nt_samples_batch_size"] or max(1, _EVALS_PER_FORWARD // x.shape[0])
@@ -366,8 +369,6 @@ def _smoothgrad_chunk(
 
 
 def _deeplift_chunk(model: nn.Module, x: torch.Tensor, t: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    from captum.attr import DeepLift
-
     attr, delta = DeepLift(model).attribute(x, baselines=base, target=t, return_convergence_delta=True)
     with torch.no_grad():
         gap = (model(x) - model(base)).gather(1, t[:, None]).squeeze(1)

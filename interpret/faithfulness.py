@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from captum.metrics import infidelity, sensitivity_max
 from tqdm.auto import tqdm
 
 from .agreement import compare_maps
@@ -322,7 +323,6 @@ def infidelity_scores(
     ``attr_opts``) or ``maps`` ((B, H, W), spread evenly over channels, or
     (B, C, H, W)).
     """
-    from captum.metrics import infidelity
 
     where = "infidelity_scores"
     images = check_images(images, where).cpu()  # noise is drawn on the CPU; forward() moves batches to the model
@@ -391,7 +391,6 @@ def sensitivity_scores(
     perturbed copy re-runs the method, so this costs ``n_perturb_samples + 1``
     attributions; SmoothGrad's own sampling noise adds to its score.
     """
-    from captum.metrics import sensitivity_max
 
     where = "sensitivity_scores"
     images = check_images(images, where).cpu()  # perturbations are drawn on the CPU; attribute() moves batches

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from interpret.attributions import attribute, ig_completeness_gap
 from interpret.options import DEFAULT_ORDINAL_METHODS, METHODS
@@ -259,10 +260,6 @@ def grading_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, tas
     quadratic weights), as in the run's ``metrics.json``. Kappa is None where it is undefined (every image
     has the same true and predicted grade: 0/0).
     """
-    # torchmetrics takes seconds to import; `splitfl --help` and non-ordinal reports should not pay for it
-    # (report.cohort_metrics defers it the same way)
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
     if task.task_type != "ordinal":
         raise ValueError(f"grading_metrics: task {task.name!r} is {task.task_type}, not ordinal.")
     y = torch.as_tensor(np.asarray(labels)).long().reshape(-1)

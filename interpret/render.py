@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from matplotlib import colormaps
 from PIL import Image
 
 COLORMAP = "inferno"
@@ -51,7 +53,6 @@ def heat_rgb(attribution: torch.Tensor, scale: Optional[float] = None) -> np.nda
     ``scale`` replaces the map's own maximum, so that several maps (one per grade) share one scale and a
     map with little evidence looks dark rather than stretched to full brightness.
     """
-    from matplotlib import colormaps
 
     a = attribution.detach().cpu().float().numpy()
     a = np.nan_to_num(a)
@@ -76,7 +77,6 @@ def signed_overlay_rgb(x: torch.Tensor, attribution: torch.Tensor, alpha: float 
     blend weight too, so a weak map leaves the image readable instead of washing it with the colormap's white.
     The image is shown in grey so that a red fundus is not mistaken for positive evidence.
     """
-    from matplotlib import colormaps
 
     a = np.nan_to_num(attribution.detach().cpu().float().numpy())
     top = float(scale) if scale is not None and scale > 0 else float(np.max(np.abs(a)))
@@ -94,7 +94,6 @@ def colorbar_uri(width: int = 240, height: int = 14) -> str:
 
 def diverging_colorbar_uri(width: int = 240, height: int = 14) -> str:
     """The signed maps' scale: blue (negative) through the image's own grey to red (positive)."""
-    from matplotlib import colormaps
 
     ramp = np.linspace(0.0, 1.0, width)[None].repeat(height, 0)
     return png_data_uri((colormaps[DIVERGING_COLORMAP](ramp)[..., :3] * 255).round().astype(np.uint8))
@@ -102,7 +101,6 @@ def diverging_colorbar_uri(width: int = 240, height: int = 14) -> str:
 
 def render_html(context: dict[str, Any]) -> str:
     """Fill the Jinja2 template (autoescaped: names from files and configs cannot inject markup)."""
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined)

@@ -25,8 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import captum
 import numpy as np
 import torch
+from torchmetrics.functional.classification import (
+    auroc,
+    multiclass_accuracy,
+    multilabel_auroc,
+)
 
 import splitfl
 from interpret import faithfulness as F
@@ -97,11 +103,6 @@ def predict(model: torch.nn.Module, x: torch.Tensor, task_type: str, batch_size:
 
 def cohort_metrics(probs: torch.Tensor, labels: Optional[np.ndarray], task_type: str) -> dict[str, float]:
     """Accuracy and macro AUROC on the report's images (torchmetrics), where labels and both classes exist."""
-    from torchmetrics.functional.classification import (
-        auroc,
-        multiclass_accuracy,
-        multilabel_auroc,
-    )
 
     if labels is None:
         return {}
@@ -509,7 +510,6 @@ def _grading_section(g: GradeExplanation, cohort: dict[str, float]) -> dict[str,
 def build_report(run_dir: str | Path, images: str | Path, out: str | Path, opts: ReportOptions | None = None,
                  log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Write ``out`` (HTML) and ``out`` with ``.json`` (every number); return the JSON's content."""
-    import captum
 
     opts = opts or ReportOptions()
     out = Path(out)

@@ -22,6 +22,17 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
+from timm.models import vision_transformer as tvit
+from timm.models.vision_transformer import VisionTransformer
+
+try:  # timm's own smooth activations; where its layout differs, the torch classes still cover its defaults
+    from timm.layers import activations as timm_activations
+except ImportError:  # pragma: no cover - depends on the timm version
+    timm_activations = None
+try:  # the memory-efficient variants, absent from some timm versions
+    from timm.layers import activations_me as timm_activations_me
+except ImportError:  # pragma: no cover - depends on the timm version
+    timm_activations_me = None
 
 __all__ = [
     "GradCamKind",
@@ -39,8 +50,6 @@ GradCamKind = Literal["cnn", "vit"]
 
 
 def _is_vit_like(module: nn.Module) -> bool:
-    from timm.models.vision_transformer import VisionTransformer
-
     if isinstance(module, VisionTransformer):
         return True
     return hasattr(module, "num_prefix_tokens") and ("blocks" in module._modules or "patch_embed" in module._modules)
@@ -67,8 +76,6 @@ def _vit_block_types(model: nn.Module) -> tuple[type, ...]:
         if _is_vit_like(m) and "blocks" in m._modules:
             types.update(type(b) for b in m._modules["blocks"].children())
     if not types:
-        from timm.models import vision_transformer as tvit
-
         for name in ("Block", "ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"):
             if hasattr(tvit, name):
                 types.add(getattr(tvit, name))
@@ -184,15 +191,11 @@ def gradcam_layer(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, G
 
 def _smooth_types() -> tuple[type, ...]:
     types: list[type] = [nn.GELU, nn.SiLU, nn.Mish]
-    try:
-        from timm.layers import activations as ta
-
-        types += [getattr(ta, n) for n in ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish") if hasattr(ta, n)]
-        from timm.layers import activations_me as tme
-
-        types += [getattr(tme, n) for n in ("SwishMe", "MishMe") if hasattr(tme, n)]
-    except ImportError:  # timm layout changed: the torch classes still cover timm's defaults
-        pass
+    if timm_activations is not None:
+        types += [getattr(timm_activations, n) for n in ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish")
+                  if hasattr(timm_activations, n)]
+    if timm_activations_me is not None:
+        types += [getattr(timm_activations_me, n) for n in ("SwishMe", "MishMe") if hasattr(timm_activations_me, n)]
     return tuple(types)
 
 

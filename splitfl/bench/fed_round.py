@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
+import timm
 import torch
 
 from splitfl.artifacts import write_json
@@ -67,8 +68,6 @@ class _Variant:
 
 
 def _flat_parameters(model_name: str, num_classes: int) -> tuple[list[tuple[str, int]], np.ndarray]:
-    import timm
-
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     flat = torch.cat([p.detach().reshape(-1).float() for _, p in named]).numpy().copy()

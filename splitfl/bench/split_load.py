@@ -45,6 +45,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
 from splitfl.artifacts import write_json
 from splitfl.config import (
     DataConfig,
@@ -339,8 +342,6 @@ def judge(rows: list[dict[str, Any]], max_p95_ratio: float, max_cv: float) -> di
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from tqdm import tqdm
-
     ns = sorted(set(args.hospitals))
     keep = args.keep
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="split_load_"))
@@ -363,7 +364,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    import torch
 
     return {
         **judge(rows, args.max_p95_ratio, args.max_cv),

@@ -39,7 +39,7 @@ _KEYS: tuple[str, ...] = tuple(f"{s}_{k}" for s in _SPLIT_NAMES for k in ("image
 
 def _medmnist():
     """Import medmnist lazily: it creates ~/.medmnist on import."""
-    import medmnist
+    import medmnist  # lazy: importing medmnist creates ~/.medmnist, which a run that never reads it must not do
 
     return medmnist
 

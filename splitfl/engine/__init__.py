@@ -14,14 +14,7 @@ from splitfl.engine.factories import (
     make_optimizer,
     make_scheduler,
 )
-from splitfl.engine.loop import (
-    evaluate,
-    fit,
-    summarise,
-    supervised_loss,
-    train_one_epoch,
-    write_run_metrics,
-)
+from splitfl.engine.loop import evaluate, fit, summarise, supervised_loss, train_one_epoch, write_run_metrics
 from splitfl.engine.resume import (
     BEST_MODEL,
     CHECKPOINT,

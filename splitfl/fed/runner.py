@@ -18,6 +18,8 @@ What crosses the wire, per ``fed.secure``:
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,6 @@ _vector_from_bytes = vector_from_bytes
 
 def fed_transcript(cfg: RunConfig, out_dir: Path, spec: FlatSpec, site_sizes: list[int]) -> Any:
     """The recorder of the server's view of a federated run (``<out>/transcript``), with what an attacker knows."""
-    import dataclasses
 
     meta = {
         "regime": cfg.regime,
@@ -73,7 +74,6 @@ def fed_transcript(cfg: RunConfig, out_dir: Path, spec: FlatSpec, site_sizes: li
 
 def record_ground_truth(folder: Path, round_index: int, site: int, batches: list[list[int]]) -> None:
     """The hospital's evaluation key: which of its images each step of the round used (never sent anywhere)."""
-    import json
 
     with open(Path(folder) / "ground_truth.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"round": round_index, "site": site, "batches": batches}) + "\n")

@@ -19,12 +19,14 @@ unit-test path); :mod:`splitfl.net.fed` drives it from gRPC handlers.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from opacus.validators import ModuleValidator
 
 from splitfl.config import RunConfig
 from splitfl.engine import RunError
@@ -58,7 +60,6 @@ def sample_sites(cfg: RunConfig, round_index: int) -> list[int]:
 
 def build_fed_model(cfg: RunConfig, num_outputs: int, n_channels: int, log: Callable[[str], Any] | None = None) -> torch.nn.Module:
     """The federation's model, as every party builds it (GroupNorm in place of BatchNorm under fed.norm: groupnorm)."""
-    from opacus.validators import ModuleValidator
 
     model, report = build_split_model(cfg.model, num_outputs, n_channels, cfg.data.size)
     if report is not None and log is not None:
@@ -207,7 +208,6 @@ class FedServerCore:
     def begin_round(self, round_index: int, chosen: list[int], lr: float | None = None) -> RoundAcc:
         acc = RoundAcc(round_index, list(chosen))
         if self.recorder is not None:  # what the server sends: the round's instructions and the global model
-            import json
 
             info = {"round": round_index, "chosen": list(chosen), "lr": lr}
             self.recorder.record("round_info", json.dumps(info).encode())

@@ -46,7 +46,7 @@ def _fix_imports(path: Path, modules: list[str]) -> None:
 def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR, proto_files: tuple[str, ...] = PROTO_FILES) -> list[Path]:
     """Run ``grpc_tools.protoc`` on ``proto_files`` into ``out_dir``; returns the generated paths."""
     try:
-        from grpc_tools import protoc
+        from grpc_tools import protoc  # lazy: grpcio-tools is a dev-only dependency, absent from a plain install
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise CodegenError("grpcio-tools is not installed (pip install -e '.[dev]')") from exc
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
 from splitfl.artifacts import write_bytes, write_json
 from splitfl.config import RunConfig
 from splitfl.data import load_splits
@@ -338,8 +340,6 @@ def free_port() -> int:
 
 
 def write_config(cfg: RunConfig, path: Path) -> Path:
-    import yaml
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     return path

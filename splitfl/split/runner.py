@@ -10,6 +10,7 @@ parameters are one Adam), and ``split-he`` the same up to CKKS noise.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -309,7 +310,6 @@ class SplitRunner:
         rec = self._truth_recorder
         if rec is None or not rec.active:
             return
-        import json
 
         with open(rec.folder / "ground_truth.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": rec.step, "site": int(site), "indices": [int(i) for i in index.tolist()]}) + "\n")

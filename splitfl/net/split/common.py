@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import grpc
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from splitfl.artifacts import write_bytes
 from splitfl.he.keys import consortium_secret_context
@@ -127,10 +131,6 @@ class RelaySealer:
     """AES-256-GCM under HKDF-SHA256(consortium secret); associated data binds run, config and relay version."""
 
     def __init__(self, secret: bytes, run_id: str, fingerprint: bytes) -> None:
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
         if len(secret) < 32:
             raise ValueError("the relay key material must hold at least 32 bytes")
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"splitfl-relay-v1",
@@ -146,8 +146,6 @@ class RelaySealer:
         return nonce + self._aead.encrypt(nonce, data, self._aad(version))
 
     def open(self, blob: bytes, version: int) -> bytes:
-        from cryptography.exceptions import InvalidTag
-
         if len(blob) < 28:
             raise ProtocolError("relay blob too short")
         try:
