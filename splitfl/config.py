@@ -179,6 +179,9 @@ class FedConfig:
     # evaluation key, never sent to the server).
     transcript: bool = False
     transcript_max_rounds: int = 3  # rounds recorded
+    # Hospital-side check of each global model received against the previous round's (against crafted weights): refuse
+    # to train if names/shapes differ or a tensor moved by more than this x max(its norm, 0.01 sqrt(size)). None: off.
+    model_guard: Optional[float] = None
 
 
 @dataclass

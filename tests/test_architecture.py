@@ -106,3 +106,13 @@ def test_every_command_resolves_to_a_function() -> None:
     """The lazy command table names functions that exist (a typo would surface only when a user runs it)."""
     for key in COMMANDS:
         assert callable(command_handler(key)), key
+
+
+MAX_LINES = 800
+
+
+def test_no_source_file_outgrows_one_job() -> None:
+    """A module over 800 lines holds more than one job: split it by role (generated gRPC code excepted)."""
+    long = sorted(f"{path.relative_to(ROOT)}: {n} lines" for pkg in PACKAGES for path in (ROOT / pkg).rglob("*.py")
+                  if "proto" not in path.parts and (n := len(path.read_text().splitlines())) > MAX_LINES)
+    assert not long, "split these modules by role:\n" + "\n".join(long)

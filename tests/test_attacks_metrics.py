@@ -80,6 +80,20 @@ def test_hungarian_recovers_a_shuffled_permutation():
     assert pairwise_ssim(recs, originals).shape == (6, 6)
 
 
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 28, 28), (1, 12, 12), (3, 9, 11)])
+def test_pairwise_ssim_is_the_pinned_ssim_of_every_pair(shape):
+    """The separable fast path equals torchmetrics' SSIM pair by pair (float32 rounding), out-of-range values too."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.rand((5, *shape), generator=gen) * 2.4 - 1.2
+    b = torch.cat([a[:2] + 0.1 * torch.randn((2, *shape), generator=gen), torch.rand((4, *shape), generator=gen) * 2 - 1])
+    ia, ib = torch.meshgrid(torch.arange(len(a)), torch.arange(len(b)), indexing="ij")
+    slow = ssim(a[ia.reshape(-1)], b[ib.reshape(-1)]).reshape(len(a), len(b))
+    fast = pairwise_ssim(a, b, chunk=7)  # chunks that do not divide the pairs
+    assert fast.shape == (5, 6)
+    assert torch.allclose(fast, slow, atol=1e-4), float((fast - slow).abs().max())
+    assert pairwise_ssim(a[:0], b).shape == (0, 6)
+
+
 # --------------------------------------------------------------------------- leakage
 
 def _pool(n_targets: int = 4, n_distractors: int = MIN_DISTRACTORS):

@@ -4,7 +4,9 @@ A site receives the global model, trains a copy for ``fed.local_epochs`` and
 returns its update (new minus global weights). With differential privacy the
 local training is Opacus DP-SGD (per-sample clipping, Gaussian noise, Poisson
 sampling) and the site's RDP accountant persists across rounds, so the epsilon
-it reports is what all its rounds together have spent.
+it reports is what all its rounds together have spent. With ``fed.model_guard``
+a site first checks the model it received against the one it accepted the
+round before and refuses to train on one a server has changed out of line.
 """
 from __future__ import annotations
 
@@ -38,6 +40,40 @@ def _seed(*parts: int) -> int:
     return value
 
 
+# fed.model_guard: a tensor that was (near) zero may still move by this RMS per coordinate times the bound.
+GUARD_FLOOR_RMS = 0.01
+
+
+class ModelGuardError(RunError):
+    """A hospital refused the global model it received (``fed.model_guard``): out of line with the previous round's."""
+
+
+def model_change_problem(previous: dict[str, torch.Tensor], current: dict[str, torch.Tensor], bound: float) -> str | None:
+    """Why ``current`` (a state dict) is out of line with ``previous``, or None.
+
+    Names and shapes must be the same; every floating tensor may move by at most
+    ``bound`` x max(||previous||, GUARD_FLOOR_RMS x sqrt(size)) in L2 norm. Honest
+    FedAvg moves a tensor by a small step per round; a server that swaps in crafted
+    weights (an imprint block switched on, a trap layer) moves some by about their
+    whole norm. The floor lets zero-initialised tensors start training.
+    """
+    if list(previous) != list(current):
+        gone, new = sorted(set(previous) - set(current)), sorted(set(current) - set(previous))
+        return f"its parameter names changed (missing {gone[:3]}, new {new[:3]})" if gone or new else \
+            "its parameters come in another order"
+    for name, now in current.items():
+        before = previous[name]
+        if now.shape != before.shape:
+            return f"{name} has shape {tuple(now.shape)}, was {tuple(before.shape)}"
+        if not now.is_floating_point():
+            continue
+        moved = float((now.double() - before.double()).norm())
+        allowed = bound * max(float(before.double().norm()), GUARD_FLOOR_RMS * math.sqrt(max(before.numel(), 1)))
+        if not moved <= allowed:  # NaN refuses too
+            return f"{name} moved by {moved:.4g} in L2 norm, more than {allowed:.4g} ({bound:g} x its previous norm or the floor)"
+    return None
+
+
 class _Indexed(Dataset):
     """(image, target, index): lets a site log which of its images each step used (for attack evaluation)."""
 
@@ -63,6 +99,9 @@ class Site:
         self.noise_multiplier = fed.dp_noise_multiplier
         self.last_batches: list[list[int]] = []  # indices (into this site's data) of each step of the last round
         self._embedded: Dataset | None = None  # frozen encoder: this site's embeddings, computed once
+        self._guard_ref: dict[str, torch.Tensor] | None = None  # fed.model_guard: the last global model accepted
+        if fed.model_guard is not None and not fed.model_guard > 0:
+            raise RunError(f"fed.model_guard={fed.model_guard} must be > 0 (or null: off)")
         if self.dp and fed.dp_target_epsilon is not None:
             # Noise for the whole run, assuming the site takes part in every round (conservative when sampled).
             steps = cfg.train.epochs * self.steps_per_round
@@ -99,8 +138,13 @@ class Site:
         return self.accountant.get_epsilon(self.cfg.fed.dp_delta) if len(self.accountant) else 0.0
 
     def train(self, global_model: nn.Module, spec: FlatSpec, global_flat: np.ndarray, round_index: int, lr: float) -> tuple[np.ndarray, float]:
-        """Train a copy of the global model locally; return (update, mean training loss)."""
+        """Train a copy of the global model locally; return (update, mean training loss).
 
+        Raises ModelGuardError (nothing trained, nothing sent) when ``fed.model_guard`` is set and the
+        received model is out of line with the one received before.
+        """
+        if self.cfg.fed.model_guard is not None:
+            self._check_received(global_model, round_index)
         whole = copy.deepcopy(global_model).to(self.device)
         whole.train()
         # A frozen encoder never changes: the site embeds its images once and trains only the head on them.
@@ -155,6 +199,20 @@ class Site:
         update = spec.flatten(whole) - global_flat
         return update, total / max(count, 1)
 
+    def _check_received(self, global_model: nn.Module, round_index: int) -> None:
+        """fed.model_guard: compare the received model with the last one accepted; refuse it or remember it."""
+        received = {k: v.detach().to("cpu", copy=True) for k, v in global_model.state_dict().items()}
+        if self._guard_ref is not None:
+            problem = model_change_problem(self._guard_ref, received, float(self.cfg.fed.model_guard))
+            if problem:
+                raise ModelGuardError(
+                    f"site {self.index} refuses the global model of round {round_index + 1} (fed.model_guard "
+                    f"{self.cfg.fed.model_guard:g}): {problem}. A FedAvg round moves the model by a small step; this "
+                    "one was changed more than training explains, so the server may be deviating from the protocol "
+                    "(crafted weights). Nothing was trained or sent; check the server before going on."
+                )
+        self._guard_ref = received
+
     def _empty_batch_dp_step(self, model: nn.Module, optimizer: Any) -> None:
         """DP-SGD on an empty Poisson batch: the noisy sum is pure noise, and the step still costs privacy.
 
@@ -182,11 +240,14 @@ class Site:
                     p.sub_(lr * mu * (p - a))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"accountant": self.accountant.state_dict() if self.accountant is not None else None}
+        return {"accountant": self.accountant.state_dict() if self.accountant is not None else None,
+                "model_guard": self._guard_ref}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
+        if state.get("model_guard") is not None:
+            self._guard_ref = state["model_guard"]
 
 
 def package_update(
