@@ -1,12 +1,16 @@
-"""splitfl's attack harness: what a curious server can reconstruct from each regime (see attacks/README.md).
+"""splitfl's attack harness: what a curious or malicious server can reconstruct from each regime (see attacks/README.md).
 
 * :mod:`attacks.gradient_inversion` - DLG, iDLG, Inverting Gradients;
 * :mod:`attacks.metrics`, :mod:`attacks.leakage`, :mod:`attacks.scoring` - pinned SSIM/PSNR, Hungarian
   matching, the leakage rate;
 * :mod:`attacks.keyless`, :mod:`attacks.fed_inversion`, :mod:`attacks.split_inversion` - the server's recorded
   view of a real run (read through :mod:`splitfl.runs`), read as the server can read it;
-* :mod:`attacks.config` - the attack config;
-* :mod:`attacks.harness` - ``splitfl attack``.
+* :mod:`attacks.imprint`, :mod:`attacks.imprint_model`, :mod:`attacks.malicious_fed` - a malicious FedAvg
+  server (crafted global model, Fowl et al.);
+* :mod:`attacks.malicious_split`, :mod:`attacks.fsha`, :mod:`attacks.label_inference` - a malicious split
+  server (feature-space hijacking, crafted head);
+* :mod:`attacks.config` - the attack config (curious or malicious server, each attack's settings);
+* :mod:`attacks.harness` - ``splitfl attack`` (curious server); :mod:`attacks.active` - its malicious server.
 
 Names are imported lazily (PEP 562), so ``splitfl --help`` does not load torchmetrics.
 """

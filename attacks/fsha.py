@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from attacks.config import FSHASettings
 from attacks.malicious_split import (
     AttackerImages,
     MaliciousRun,
@@ -91,27 +91,6 @@ from splitfl.transcript import TranscriptRecorder
 VIEW_PLAIN = "activations (plaintext): FSHA decoder"
 VIEW_KEYLESS = "activation ciphertexts read without the key: FSHA decoder"
 VIEW_HEAD = "head update (plaintext): FSHA decoder"
-
-
-@dataclass
-class FSHASettings:
-    """The malicious server's budget (defaults: the paper's published WGAN-GP setting where it has one)."""
-
-    observations: int = 8  # training steps at the start of the last epoch whose activations are inverted and scored
-    distractors: int = 200  # test images in the re-identification pool (>= 100)
-    aux_from_test: int = 0  # test images after the distractors added to the attacker's own (validation) images
-    margin: float = 0.1  # leaked: re-identified and SSIM gain over the mean image >= margin
-    pretrain_steps: int = 200  # pilot autoencoder steps on the auxiliary images before the protocol starts
-    pretrain_lr: float = 1e-3  # Adam learning rate of that pretraining
-    lr_pilot: float = 1e-5  # Adam learning rate of pilot and decoder during the attack (paper: lr_tilde)
-    lr_critic: float = 1e-4  # Adam learning rate of the critic (paper: lr_D)
-    gp_weight: float = 500.0  # weight of the critic's gradient penalty (paper: gradient_penalty)
-    critic_steps: int = 5  # critic updates per hospital step, each on a fresh auxiliary batch (WGAN-GP's n_critic)
-    critic_betas: tuple[float, float] = (0.5, 0.9)  # Adam betas of the critic (WGAN-GP, Gulrajani et al. 2017)
-    decoder_width: int = 32  # channels of the decoder f~^-1's convolutions
-    grad_scale: float = 1.0  # factor on the gradient returned to the hospitals
-    seed: int = 0  # seed of the attacker's networks and auxiliary batches
-    montage_images: int = 16  # images shown in each montage
 
 
 class Critic(nn.Module):

@@ -7,7 +7,8 @@ then the attack for its regime reads ``run/transcript`` (never the
 hospitals' data) and returns reconstructions; only then are they scored
 against the hospitals' ground truth. Per variant: ``leakage.json`` and
 ``montage.png``; across variants: ``leakage_summary.{md,csv,json}`` and
-``leakage_summary.png``.
+``leakage_summary.png``. With ``attack.server: malicious`` the server deviates from the protocol
+instead, and :mod:`attacks.active` runs each variant's active attack.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import attacks.split_inversion as split_inversion
+from attacks.active import run_active
 from attacks.config import AttackConfig, AttackSettings
 from attacks.fed_inversion import aggregate_observations, build_attack_model, fed_observations, invert
 from attacks.fellow_inversion import FELLOW_PREFIX, attack_relay
@@ -237,6 +239,15 @@ def run_attacks(cfg: AttackConfig, out: str | Path, only: list[str] | None = Non
 
     out = Path(out)
     settings = cfg.attack
+    if settings.server == "malicious":
+        return run_active(cfg, out, only, log)
+    if settings.server != "curious":
+        raise CompareError(f"attack.server={settings.server!r}: choose curious (the server follows the protocol and "
+                           "attacks what it recorded) or malicious (it deviates: imprint, fsha, labels)")
+    active = [v.name for v in cfg.variants if v.attack is not None]
+    if active:
+        raise CompareError(f"variant(s) {', '.join(map(repr, active))} set 'attack', which a malicious server runs; "
+                           "set attack.server: malicious, or remove the key")
     todo = [(v, with_transcript(rc, settings), chosen) for v, rc, chosen in plan(cfg, only)]
     for v, _, chosen in todo:
         if chosen and v.regime not in ATTACKS:

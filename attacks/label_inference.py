@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attacks.config import LabelSettings
 from attacks.malicious_split import MaliciousRun, ServerFactory, label_score, majority_rate, malicious_config
 from attacks.runtime import torch_threads
 from attacks.split_inversion import KeylessReader
@@ -53,14 +54,6 @@ from splitfl.transcript import TranscriptRecorder
 PER_SAMPLE_PLAIN = "logit gradients (plaintext): argmin"
 PER_SAMPLE_KEYLESS = "logit-gradient ciphertexts read without the key: argmin"
 FROM_COUNTS = "head update (plaintext) bias gradient: batch counts, majority per batch"
-
-
-@dataclass
-class LabelSettings:
-    """What is scored."""
-
-    observations: int = 50  # training steps (from the first) whose inferred labels are scored
-    craft_head: bool = True  # False: the honest head, read the same way (a curious server, for comparison)
 
 
 @dataclass

@@ -72,6 +72,7 @@ import torch
 import yaml
 from torch import nn
 
+from attacks.config import ImprintSettings
 from attacks.imprint import IMPRINT_BIAS, IMPRINT_WEIGHT, ImprintBlock, recover
 from attacks.imprint_model import (
     DEFAULT_BINS,
@@ -122,36 +123,6 @@ VIEW_AGGREGATE = "decrypted aggregate of the round"
 
 
 # --------------------------------------------------------------------------- the attacker's settings and config
-
-
-@dataclass
-class ImprintSettings:
-    """The attacker's choices and the scoring rules of one malicious-server run."""
-
-    local_steps: int = 4  # optimizer steps each hospital takes in the attacked round (its data: this many batches)
-    num_sites: int | None = None  # hospitals (None: the config's data.partition.num_sites)
-    attack_round: int = 1  # the round whose broadcast is crafted (rounds before it are honest)
-    bins: int | None = None  # block rows (None: 16 x the images behind the attacked message, W1 <= MAX_BLOCK_WEIGHTS)
-    gain: float | None = None  # W1 scale (None: chosen by simulating a hospital's round on the attacker's images)
-    gains: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # the grid choose_gain tries
-    residual_scale: float = 1e-2  # RMS of the switched-on block's residual on the attacker's images
-    dp_noise_multiplier: float = 1.0  # fedavg+dp when the config sets no DP noise
-    model_guard: float | None = None  # the hospitals' fed.model_guard (None: the config's)
-    honest: bool = False  # control: the server broadcasts the model as trained and runs the same decoding
-    # Against fed.model_guard: from attack_round on, move the block towards the crafted weights by steps the guard
-    # accepts (this share of its bound, which the consortium config makes public); attack the first round it arrives.
-    ramp: float | None = None
-    max_rounds: int = 30  # ramp: give up after this many rounds
-    # The server picks who takes part: in the attacked round it samples this site alone, so the "aggregate" a key
-    # holder decrypts under fed.secure: he is that one site's update (None: the config's sampling).
-    isolate: int | None = None
-    distractors: int | None = None  # outside images in the re-identification pool (None: the whole test split)
-    margin: float = 0.1  # leaked: re-identified and SSIM gain over the mean image >= margin
-    montage_images: int = 16
-    threads: int = 1
-    # Record the server's view under <out>/run/transcript (fed.transcript: the crafted broadcast, every upload, the
-    # hospitals' ground truth), as the passive harness does; off by default (ResNet-18 rounds are tens of MB each).
-    transcript: bool = False
 
 
 def _images_per_site(settings: ImprintSettings, batch_size: int) -> int:

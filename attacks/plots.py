@@ -67,3 +67,23 @@ def plot_summary(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     path = save_figure(path, fig)
     plt.close(fig)
     return path
+
+
+def plot_active_summary(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One bar per variant: images leaked (image attacks) or labels inferred (label attacks), chance marked."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 2), 3.8))
+    for j, r in enumerate(rows):
+        labels = r.get("label_accuracy") is not None
+        value = r["label_accuracy"] if labels else (r.get("leakage_rate") or 0.0)
+        chance = r.get("label_chance") if labels else r.get("chance_leakage_rate")
+        ax.bar(j, 100 * value, color="tab:purple" if labels else "tab:red", hatch="//" if labels else None)
+        if chance is not None:
+            ax.plot([j - 0.4, j + 0.4], [100 * chance] * 2, color="black", lw=1)
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("% leaked (red: images; hatched: labels)")
+    ax.set_ylim(0, 102)
+    ax.set_title("malicious server: leakage per variant (black line: chance)", fontsize=9)
+    fig.tight_layout()
+    path = save_figure(path, fig)
+    plt.close(fig)
+    return path

@@ -50,6 +50,9 @@ class Variant:
     name: str  # also the folder <out>/<name>
     regime: Regime  # the run config's regime for this variant
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys of the run config, e.g. fed.secure: he
+    # splitfl attack with attack.server: malicious only: the active attack run on this variant (imprint for
+    # fedavg; fsha or labels for the split regimes; None: imprint or fsha by regime)
+    attack: Optional[str] = None
 
 
 def default_variants() -> list[Variant]:
@@ -222,6 +225,10 @@ def plan_cells(cfg: CompareConfig, out: str | Path, only: list[str] | None = Non
     Checks every config before anything trains, as :func:`plan` does.
     """
     out = Path(out)
+    active = [v.name for v in cfg.variants if v.attack is not None]
+    if active:
+        raise CompareError(f"variant(s) {', '.join(map(repr, active))} set 'attack', which only `splitfl attack` reads "
+                           "(attack.server: malicious); remove it to compare, or run splitfl attack")
     if not cfg.encoders:
         return [Cell(None, v, rc, out / v.name, chosen) for v, rc, chosen in plan(cfg, only)]
     check_names(cfg.variants)

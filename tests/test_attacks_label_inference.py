@@ -81,10 +81,15 @@ def test_counts_from_the_bias_gradient():
     assert counts_from_bias_gradient(db, 5).tolist() == [1, 1, 3]
 
 
-@pytest.mark.parametrize("regime, tol", [("split-plain", 0.0), ("split-he", 1e-4)])
-def test_the_seam_leaves_the_hospitals_as_splitfl_train_has_them(tmp_path, regime, tol):
-    """Control: the honest server passed through the seam trains the very encoder `splitfl train` trains."""
-    cfg = label_config(regime, lr=0.05)
+@pytest.mark.parametrize("regime, freeze, tol", [("split-plain", False, 0.0), ("split-he", True, 1e-4)])
+def test_the_seam_leaves_the_hospitals_as_splitfl_train_has_them(tmp_path, regime, freeze, tol):
+    """Control: the honest server passed through the seam trains the very model `splitfl train` trains.
+
+    split-he with a frozen encoder: CKKS noise (fresh randomness in every encryption) in the returned gradient
+    moves a trainable encoder by ~1e-7, which now and then flips a max-pool or ReLU decision and sends two
+    honest runs apart by up to 0.06 (measured: 3 of 8 repeated `splitfl train` runs); the split-plain case,
+    exact, covers the trainable encoder through the seam."""
+    cfg = label_config(regime, freeze=freeze, lr=0.05)
     reference = run(cfg, tmp_path / "train")
     honest = MaliciousRun(malicious_config(cfg), tmp_path / "seam", honest_factory())
     honest.train(1, 0, quiet)
