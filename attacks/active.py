@@ -68,17 +68,55 @@ def imprint_regime(run_cfg: RunConfig, variant: str) -> str:
     return "fedavg+he" if he else "fedavg+dp" if dp else "fedavg"
 
 
+def _changed(obj: Any, default: Any) -> dict[str, Any]:
+    """``obj``'s fields that differ from ``default``'s, nested sections as dicts of their changed fields."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        mine, theirs = getattr(obj, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(mine) and dataclasses.is_dataclass(theirs):
+            sub = _changed(mine, theirs)
+            if sub:
+                out[f.name] = sub
+        elif to_jsonable(mine) != to_jsonable(theirs):
+            out[f.name] = mine
+    return out
+
+
 def fingerprint(attack: str, run_cfg: RunConfig, settings: Any) -> str:
-    """What a finished variant's result depends on; a rerun reuses the result while this is unchanged."""
-    blob = json.dumps(to_jsonable({"attack": attack, "run": dataclasses.asdict(run_cfg),
-                                   "settings": dataclasses.asdict(settings)}), sort_keys=True, default=str)
+    """What a finished variant's result depends on; a rerun reuses the result while this is unchanged.
+
+    Only values that differ from the defaults count, so a setting added later at a default that keeps the old
+    behaviour does not throw finished results away."""
+    blob = json.dumps(to_jsonable({"attack": attack, "run": _changed(run_cfg, RunConfig(regime=run_cfg.regime)),
+                                   "settings": _changed(settings, type(settings)())}), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _imprint_row(run_cfg: RunConfig, variant: Variant, folder: Path, cfg: AttackConfig,
+def split_attack_overrides(cfg: AttackConfig) -> tuple[AttackConfig, dict[str, dict[str, Any]]]:
+    """The config with each variant's ``imprint.*``, ``fsha.*`` and ``labels.*`` overrides taken out (the run
+    config's keys stay), and those overrides per variant, checked against the settings' fields."""
+    sections = {name: {f.name for f in dataclasses.fields(getattr(cfg, name))} for name in ATTACK_REGIMES}
+    variants, settings = [], {}
+    for v in cfg.variants:
+        run_keys, mine = {}, {}
+        for key, value in (v.overrides or {}).items():
+            section, _, name = str(key).partition(".")
+            if section not in sections:
+                run_keys[key] = value
+            elif name not in sections[section]:
+                raise CompareError(f"variant {v.name!r}: {key!r} is not a setting of the {section} attack; its "
+                                   f"settings are {', '.join(sorted(sections[section]))}")
+            else:
+                mine.setdefault(section, {})[name] = value
+        variants.append(dataclasses.replace(v, overrides=run_keys))
+        settings[v.name] = mine
+    return dataclasses.replace(cfg, variants=variants), settings
+
+
+def _imprint_row(run_cfg: RunConfig, variant: Variant, folder: Path, settings: Any,
                  log: Callable[[str], Any]) -> dict[str, Any]:
     regime = imprint_regime(run_cfg, variant.name)
-    s = run_imprint_attack(run_cfg, regime, run_cfg.train.batch_size, folder, cfg.imprint, log=log)
+    s = run_imprint_attack(run_cfg, regime, run_cfg.train.batch_size, folder, settings, log=log)
     return {"regime": regime, "view": s["headline_view"], "images": s["images"],
             **{k: s[k] for k in ("leakage_rate", "chance_leakage_rate", "chance_p_value", "ssim_mean", "psnr_mean",
                                  "leakage_vs_margin", "montage", "epsilon", "refused")},
@@ -87,21 +125,33 @@ def _imprint_row(run_cfg: RunConfig, variant: Variant, folder: Path, cfg: Attack
             "seconds": s["seconds"]}
 
 
-def _fsha_row(run_cfg: RunConfig, variant: Variant, folder: Path, cfg: AttackConfig,
+def _fsha_row(run_cfg: RunConfig, variant: Variant, folder: Path, settings: Any,
               log: Callable[[str], Any]) -> dict[str, Any]:
-    r = run_fsha(run_cfg, folder, cfg.fsha, log=log)
+    r = run_fsha(run_cfg, folder, settings, log=log)
     return {"regime": r["regime"], "view": r.get("worst_view"), "images": r["images"],
             **{k: r.get(k) for k in ("leakage_rate", "chance_leakage_rate", "chance_p_value", "ssim_mean", "psnr_mean",
                                      "leakage_vs_margin", "montage")},
-            "details": (f"cut {r['cut']}, encoder {'trainable' if r['encoder_trainable'] else 'frozen'}, "
-                        f"{r['hospital_steps']} hospital steps; hospitals' last training loss "
-                        f"{r['hospital_losses'][-1]:.3f}" if r["hospital_losses"] else f"cut {r['cut']}"),
+            "details": _fsha_details(r),
+            "defence": (f"split.loss_guard {r['loss_guard']['steps']} steps, ratio {r['loss_guard']['ratio']:g}"
+                        if r["loss_guard"] else None),
+            "refused": r["refused"], "disguise": r["disguise"],
             "hospital_losses": r["hospital_losses"], "seconds": r["seconds"]["total"]}
 
 
-def _labels_row(run_cfg: RunConfig, variant: Variant, folder: Path, cfg: AttackConfig,
+def _fsha_details(r: dict[str, Any]) -> str:
+    parts = ["server disguised (honest head's logits)"] if r["disguise"] else []
+    parts.append(f"cut {r['cut']}, encoder {'trainable' if r['encoder_trainable'] else 'frozen'}, "
+                 f"{r['hospital_steps']} hospital steps")
+    if r["hospital_losses"]:
+        parts.append(f"hospitals' last epoch loss {r['hospital_losses'][-1]:.3f}")
+    if r["refused"]:
+        parts.append(f"hospitals stopped training after step {r['hospital_steps']}")
+    return "; ".join(parts)
+
+
+def _labels_row(run_cfg: RunConfig, variant: Variant, folder: Path, settings: Any,
                 log: Callable[[str], Any]) -> dict[str, Any]:
-    r = run_label_inference(run_cfg, folder, cfg.labels, log=log)
+    r = run_label_inference(run_cfg, folder, settings, log=log)
     counts = r.get("counts")
     return {"regime": r["regime"], "view": r["strongest_view"], "images": None,
             "label_accuracy": r["label_accuracy"], "label_chance": r["chance"], "label_p_value": r["p_value"],
@@ -111,22 +161,33 @@ def _labels_row(run_cfg: RunConfig, variant: Variant, folder: Path, cfg: AttackC
             "seconds": r["seconds"]}
 
 
-RUNNERS: dict[str, Callable[[RunConfig, Variant, Path, AttackConfig, Callable[[str], Any]], dict[str, Any]]] = {
+RUNNERS: dict[str, Callable[[RunConfig, Variant, Path, Any, Callable[[str], Any]], dict[str, Any]]] = {
     "imprint": _imprint_row, "fsha": _fsha_row, "labels": _labels_row}
+
+
+def attack_settings(cfg: AttackConfig, variant: str, attack: str, overrides: dict[str, dict[str, Any]]) -> Any:
+    """AttackConfig's section named after the attack, with the variant's own settings on top."""
+    if set(overrides) - {attack}:
+        raise CompareError(f"variant {variant!r} runs the {attack} attack but overrides "
+                           f"{', '.join(sorted(set(overrides) - {attack}))} settings")
+    return dataclasses.replace(getattr(cfg, attack), **overrides.get(attack, {}))
 
 
 def run_active(cfg: AttackConfig, out: str | Path, only: list[str] | None = None,
                log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     """Run (or reuse) every selected variant's active attack; write the per-variant and summary files."""
     out = Path(out)
-    todo = [(v, rc, chosen, attack_of(v)) for v, rc, chosen in plan(cfg, only)]  # every variant checked first
-    for v, rc, _, attack in todo:
+    cfg, attack_overrides = split_attack_overrides(cfg)
+    todo = []  # every variant checked before anything trains
+    for variant, run_cfg, chosen in plan(cfg, only):
+        attack = attack_of(variant)
         if attack == "imprint":
-            imprint_regime(rc, v.name)
+            imprint_regime(run_cfg, variant.name)
+        todo.append((variant, run_cfg, chosen, attack, attack_settings(cfg, variant.name, attack,
+                                                                        attack_overrides[variant.name])))
     rows = []
-    for k, (variant, run_cfg, chosen, attack) in enumerate(todo, 1):
+    for k, (variant, run_cfg, chosen, attack, settings) in enumerate(todo, 1):
         folder = out / variant.name
-        settings = getattr(cfg, attack)  # AttackConfig's section named after the attack
         key = fingerprint(attack, run_cfg, settings)
         done = folder / ACTIVE_FILE
         previous = json.loads(done.read_text()) if done.is_file() else None
@@ -139,7 +200,8 @@ def run_active(cfg: AttackConfig, out: str | Path, only: list[str] | None = None
             continue
         log(f"{head}: the hospitals train against a malicious server")
         row = {"variant": variant.name, "attack": attack, "overrides": variant.overrides,
-               **RUNNERS[attack](run_cfg, variant, folder, cfg, log)}
+               "attack_overrides": attack_overrides[variant.name].get(attack, {}),
+               **RUNNERS[attack](run_cfg, variant, folder, settings, log)}
         write_json(done, {"fingerprint": key, "row": row})
         rows.append(row)
     if rows:

@@ -86,6 +86,9 @@ class FSHASettings:
     critic_betas: tuple[float, float] = (0.5, 0.9)  # Adam betas of the critic (WGAN-GP, Gulrajani et al. 2017)
     decoder_width: int = 32  # channels of the decoder f~^-1's convolutions
     grad_scale: float = 1.0  # factor on the gradient returned to the hospitals
+    # split-plain: also train the honest head on the hospitals' logit gradients and return its logits, so their loss
+    # falls as under an honest server (what a server does against the hospitals' split.loss_guard)
+    disguise: bool = False
     seed: int = 0  # seed of the attacker's networks and auxiliary batches
     montage_images: int = 16  # images shown in each montage
 

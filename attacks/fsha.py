@@ -84,6 +84,7 @@ from splitfl.he.params import max_abs_value
 from splitfl.he.wire import EncryptedBatch
 from splitfl.models import build_split_model
 from splitfl.split.full_server import FullSplitServer, pack_ciphertexts, unpack_ciphertexts
+from splitfl.split.guard import LossGuardError
 from splitfl.split.server import SplitServer
 from splitfl.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
 from splitfl.transcript import TranscriptRecorder
@@ -91,6 +92,7 @@ from splitfl.transcript import TranscriptRecorder
 VIEW_PLAIN = "activations (plaintext): FSHA decoder"
 VIEW_KEYLESS = "activation ciphertexts read without the key: FSHA decoder"
 VIEW_HEAD = "head update (plaintext): FSHA decoder"
+ACTIVATION_SIZED = ("activations_in", "activation_grads_out")  # message kinds not written over a whole-run window
 
 
 class Critic(nn.Module):
@@ -253,6 +255,14 @@ class FSHAServer(SplitServer):
         self.inversions: dict[int, torch.Tensor] = {}
         self.head_inversions: dict[int, torch.Tensor] = {}
         self._z: torch.Tensor | None = None
+        self.disguise = attack.settings.disguise and mode == "plain"
+        # False while the window spans the whole run (against split.loss_guard): the inversions and the evaluation
+        # key are kept for every step, the activation-sized payloads (MBs per step at an early cut) are not written
+        self.keep_payloads = True
+
+    def _record(self, kind: str, payload: bytes, train: bool, layer: int = 0) -> None:
+        if self.keep_payloads or kind not in ACTIVATION_SIZED:
+            super()._record(kind, payload, train, layer)
 
     def _recording(self) -> int | None:
         rec = self.recorder
@@ -263,6 +273,11 @@ class FSHAServer(SplitServer):
             reply = super().forward(payload, train, layer)  # the (unused) head on ciphertexts, as the protocol wants
             if train and layer == 0:
                 self._hold(self.attack.calibrated(self.reader.activations(payload)))
+            return reply
+        if self.disguise:  # the honest head's logits (it records the messages), FSHA on the side
+            reply = super().forward(payload, train, layer)
+            if train:
+                self._hold(tensor_from_bytes(payload, "activations", (None, *self.feature_shape)))
             return reply
         self._record("activations_in", payload, train, layer)
         x = tensor_from_bytes(payload, "activations", (None, *self.feature_shape))
@@ -293,7 +308,13 @@ class FSHAServer(SplitServer):
             self.attack.update(z)
             reply = self._encrypt_grads(grad.reshape(len(z), -1)[: enc.batch], enc)
         else:
-            tensor_from_bytes(payload, "logit gradient", (len(z), self.num_classes))  # checked, then ignored
+            g = tensor_from_bytes(payload, "logit gradient", (len(z), self.num_classes))  # checked
+            if self.disguise:  # the honest head learns from the hospitals' logit gradients; its dL/dz is dropped
+                _, out = self._saved
+                self.optimizer.zero_grad(set_to_none=True)
+                out.backward(g)
+                self.optimizer.step()
+                self._saved = None
             grad = self.attack.adversarial_grad(z)
             self.attack.update(z)
             reply = tensor_to_bytes(grad)
@@ -342,6 +363,11 @@ class FSHAFullServer(FullSplitServer):
         self.inversions: dict[int, torch.Tensor] = {}
         self.head_inversions: dict[int, torch.Tensor] = {}
         self._z: torch.Tensor | None = None
+        self.keep_payloads = True  # as FSHAServer's
+
+    def _record(self, kind: str, payload: bytes, train: bool = True) -> None:
+        if self.keep_payloads or kind not in ACTIVATION_SIZED:
+            super()._record(kind, payload, train)
 
     def forward(self, payload: bytes, train: bool = True) -> bytes:
         reply = super().forward(payload, train)
@@ -423,12 +449,20 @@ def run_fsha(cfg: RunConfig, out_dir: str | Path, settings: FSHASettings | None 
         log(f"[fsha {cfg.regime}] pilot autoencoder pretrained on {len(images.auxiliary)} auxiliary images: "
             f"{settings.pretrain_steps} steps, MSE {np.mean(pre[-20:]) if pre else float('nan'):.4f}")
         run = MaliciousRun(cfg, out_dir / "run", fsha_factory(attack, cfg), splits)
-        run.train(cfg.train.epochs, settings.observations,
-                  lambda m: log(f"{m}; attacker {attack.history[-1] if attack.history else {}}"))
+        guarded = run.runner.loss_guard is not None
+        if guarded:  # the hospitals may stop at any step: every step's inversion is kept, the last ones scored
+            run.server.keep_payloads = False
+        refused = None
+        try:
+            run.train(cfg.train.epochs, settings.observations,
+                      lambda m: log(f"{m}; attacker {attack.history[-1] if attack.history else {}}"), whole_run=guarded)
+        except LossGuardError as exc:  # the hospitals' check stopped training: the server gets nothing more
+            refused = str(exc)
+            log(f"[fsha {cfg.regime}] {refused}")
         t_train = time.perf_counter()
         server = run.server
         recs = []
-        for step, (site, indices) in sorted(run.truth().items()):
+        for step, (site, indices) in sorted(run.truth().items())[-settings.observations:]:
             label = f"step {step} site {site}"
             if step in server.inversions:
                 view = VIEW_KEYLESS if cfg.regime != "split-plain" else VIEW_PLAIN
@@ -447,6 +481,10 @@ def run_fsha(cfg: RunConfig, out_dir: str | Path, settings: FSHASettings | None 
         **summary,
         "montage": montages.get("montage"), "montages": montages,
         "hospital_losses": run.losses, "attacker_history": attack.history,
+        "disguise": server.disguise if hasattr(server, "disguise") else False,
+        "loss_guard": ({"steps": cfg.split.loss_guard_steps, "ratio": cfg.split.loss_guard_ratio,
+                        "step_losses": run.runner.loss_guard.losses} if guarded else None),
+        "refused": refused,
         "seconds": {"pretrain": t_pre - t0, "train": t_train - t_pre, "total": time.perf_counter() - t0,
                     "cpu": time.process_time() - cpu0},
         "per_image": scored["rows"],

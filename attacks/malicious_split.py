@@ -121,15 +121,18 @@ class MaliciousRun:
             raise RunError("the run records no transcript: build it with malicious_config")
         recorder.max_steps = recorder.step + int(steps)
 
-    def train(self, epochs: int, window: int, log: Callable[[str], Any] = print) -> list[float]:
-        """``epochs`` epochs of the real protocol; the window opens at the start of the last one."""
-        for epoch in range(epochs):
-            if epoch == epochs - 1:
-                self.open_window(window)
-            loss = self.runner.train_epoch(epoch, f"epoch {epoch + 1}/{epochs}")
-            self.losses.append(loss)
-            log(f"[{self.cfg.regime}] epoch {epoch + 1}/{epochs}: hospitals' training loss {loss:.4f}")
-        self.steps = self.server.recorder.step
+    def train(self, epochs: int, window: int, log: Callable[[str], Any] = print, whole_run: bool = False) -> list[float]:
+        """``epochs`` epochs of the real protocol; the window opens at the start of the last one (``whole_run``:
+        at the first step, for runs the hospitals may stop at any step)."""
+        try:
+            for epoch in range(epochs):
+                if (epoch == 0 and whole_run) or (epoch == epochs - 1 and not whole_run):
+                    self.open_window(1 << 40 if whole_run else window)
+                loss = self.runner.train_epoch(epoch, f"epoch {epoch + 1}/{epochs}")
+                self.losses.append(loss)
+                log(f"[{self.cfg.regime}] epoch {epoch + 1}/{epochs}: hospitals' training loss {loss:.4f}")
+        finally:
+            self.steps = self.server.recorder.step
         return self.losses
 
     def transcript(self) -> Transcript:

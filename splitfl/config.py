@@ -129,6 +129,11 @@ class SplitConfig:
     mlp_inference: Literal["interactive", "noninteractive"] = "interactive"
     transcript: bool = False  # record the server's view (every message in and out) under <out>/transcript
     transcript_max_steps: int = 20  # training steps recorded (evaluation traffic is not recorded)
+    # Hospitals' check against a server steering their encoder (splitfl.split.guard): from step 2 x loss_guard_steps
+    # on, stop when the mean training loss of the last loss_guard_steps steps is above loss_guard_ratio x that of
+    # the first ones (None: no check)
+    loss_guard_steps: Optional[int] = None
+    loss_guard_ratio: float = 0.95  # the loss guard refuses above this ratio (see loss_guard_steps)
     # split-he-full: updates of the encrypted head between two refreshes (key holders decrypt and re-encrypt it)
     full_refresh_every: int = 1000
 

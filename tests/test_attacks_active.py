@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from attacks.active import fingerprint, split_attack_overrides
 from attacks.config import AttackConfig, AttackSettings, ImprintSettings, LabelSettings
 from attacks.harness import run_attacks
 from attacks.runtime import torch_threads
 from splitfl.compare import compare
-from splitfl.config import DataConfig, ModelConfig, PartitionConfig, TrainConfig
+from splitfl.config import DataConfig, ModelConfig, PartitionConfig, RunConfig, TrainConfig
 from splitfl.variants import CompareError, Variant
 
 
@@ -92,3 +93,26 @@ def test_an_attack_key_needs_the_malicious_server(tmp_path: Path) -> None:
         run_attacks(active_config([LABELS], server="evil"), tmp_path, log=lambda *_: None)
     with pytest.raises(CompareError, match="only `splitfl attack` reads"):
         compare(active_config([LABELS]), tmp_path, log=lambda *_: None)
+
+
+def test_a_variant_sets_its_own_attack_settings(tmp_path: Path) -> None:
+    """imprint.* / fsha.* / labels.* overrides go to the attack's settings, checked before anything trains."""
+    cfg = active_config([Variant("honest", "fedavg", {"imprint.honest": True, "train.lr": 0.02}),
+                         Variant("plain", "fedavg")])
+    stripped, settings = split_attack_overrides(cfg)
+    assert stripped.variants[0].overrides == {"train.lr": 0.02} and settings == {"honest": {"imprint": {"honest": True}},
+                                                                                  "plain": {}}
+    with pytest.raises(CompareError, match="'imprint.honset' is not a setting of the imprint attack"):
+        run_attacks(active_config([Variant("x", "fedavg", {"imprint.honset": True})]), tmp_path, log=lambda *_: None)
+    with pytest.raises(CompareError, match="runs the imprint attack but overrides fsha settings"):
+        run_attacks(active_config([Variant("x", "fedavg", {"fsha.disguise": True})]), tmp_path, log=lambda *_: None)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_fingerprint_ignores_settings_left_at_their_defaults() -> None:
+    base = fingerprint("imprint", RunConfig(regime="fedavg"), ImprintSettings())
+    assert fingerprint("imprint", RunConfig(regime="fedavg"), ImprintSettings(honest=False)) == base
+    assert fingerprint("imprint", RunConfig(regime="fedavg"), ImprintSettings(honest=True)) != base
+    changed = RunConfig(regime="fedavg")
+    changed.train.lr = 0.5
+    assert fingerprint("imprint", changed, ImprintSettings()) != base

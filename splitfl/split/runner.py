@@ -36,6 +36,7 @@ from splitfl.models import build_split_model
 from splitfl.models.embeddings import encode_images
 from splitfl.plots import plot_learning_curves
 from splitfl.split.full_server import FullSplitServer, pack_weight_rows
+from splitfl.split.guard import LossGuard
 from splitfl.split.server import SplitServer
 from splitfl.split.transport import FullHETransport, HETransport, PlainTransport
 from splitfl.transcript import RelayRecorder, TranscriptRecorder
@@ -186,6 +187,8 @@ class SplitRunner:
         self.accountants = [RDPAccountant() for _ in self.sites]
         self._feature_cache: dict[int, torch.Tensor] = {}
         self._noise = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+        self.loss_guard = (LossGuard(scfg.loss_guard_steps, scfg.loss_guard_ratio)
+                           if scfg.loss_guard_steps is not None else None)
         self.train_bytes_up = 0
         self.train_bytes_down = 0
         self.train_samples = 0
@@ -358,6 +361,13 @@ class SplitRunner:
 
     # ------------------------------------------------------------------ runner protocol (see splitfl.engine.fit)
 
+    def train_step(self, site: int, index: torch.Tensor) -> float:
+        """One hospital's training step on its batch ``index``; its loss, checked by the loss guard if set."""
+        loss = self._step(site, index)
+        if self.loss_guard is not None:
+            self.loss_guard.observe(loss)
+        return loss
+
     def train_epoch(self, epoch: int, desc: str) -> float:
         self.split_model.train()
         up0, down0 = self.transport.bytes_up, self.transport.bytes_down
@@ -367,7 +377,7 @@ class SplitRunner:
         total, count = 0.0, 0
         bar = tqdm(order, desc=desc, leave=False, disable=not (self.cfg.train.progress and self.fabric.is_global_zero))
         for site, index in bar:
-            loss = self._step(site, index)
+            loss = self.train_step(site, index)
             total += loss * len(index)
             count += len(index)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")

@@ -510,7 +510,7 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
             saved = None
             client.begin_step(r.step)
             index = queue[pos]
-            loss = runner._step(site, index)
+            loss = runner.train_step(site, index)  # each hospital's loss guard sees its own losses
             pos += 1
             loss_sum += loss * len(index)
             samples += len(index)
