@@ -128,7 +128,8 @@ def _imprint_row(run_cfg: RunConfig, variant: Variant, folder: Path, settings: A
 def _fsha_row(run_cfg: RunConfig, variant: Variant, folder: Path, settings: Any,
               log: Callable[[str], Any]) -> dict[str, Any]:
     r = run_fsha(run_cfg, folder, settings, log=log)
-    return {"regime": r["regime"], "view": r.get("worst_view"), "images": r["images"],
+    worst = r.get("worst_view")
+    return {"regime": r["regime"], "view": worst, "images": r["by_view"][worst]["images"] if worst else 0,
             **{k: r.get(k) for k in ("leakage_rate", "chance_leakage_rate", "chance_p_value", "ssim_mean", "psnr_mean",
                                      "leakage_vs_margin", "montage")},
             "details": _fsha_details(r),

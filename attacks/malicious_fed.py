@@ -36,8 +36,8 @@ and later images can fall into shifted bins. How far they shift against the bin 
 the attacker picks ``gain`` (:func:`choose_gain`) by simulating a hospital's round on its own images
 with the hospital's public code and settings.
 
-**Which defences hold** (measured on PneumoniaMNIST and RetinaMNIST with ResNet-18, numbers in the
-final report of issue 15):
+**Which defences hold** (measured on PneumoniaMNIST and RetinaMNIST with ResNet-18, numbers in
+attacks/README.md, "Malicious server"):
 
 * DP-SGD (Opacus, per-sample clipping and Gaussian noise): each bin's image is a tiny part of a clipped
   per-sample gradient while the noise is per coordinate, so noise far below any useful epsilon already
