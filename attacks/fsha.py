@@ -277,7 +277,7 @@ class FSHAServer(SplitServer):
         if self.disguise:  # the honest head's logits (it records the messages), FSHA on the side
             reply = super().forward(payload, train, layer)
             if train:
-                self._hold(tensor_from_bytes(payload, "activations", (None, *self.feature_shape)))
+                self._hold(self._saved[0].detach())  # the activations the honest forward parsed and kept
             return reply
         self._record("activations_in", payload, train, layer)
         x = tensor_from_bytes(payload, "activations", (None, *self.feature_shape))
@@ -335,13 +335,15 @@ class FSHAServer(SplitServer):
     def apply_update(self, payload: bytes) -> None:
         """split-he: the plaintext head update; its activation estimate is inverted too, then the honest step."""
         step = self._recording()
+        flat = self.read_update(payload)
         if step is not None and self.layers:
             lin = self.layers[0]
-            flat = tensor_from_bytes(payload, "head update", (self.update_size(),))
             est = head_update_estimates(flat, lin.in_features, lin.out_features)
             if torch.isfinite(est).all():
                 self.head_inversions[step] = self.attack.invert(est[None])
-        super().apply_update(payload)
+        self.step_head(flat)
+        if self.recorder is not None:
+            self.recorder.next_step()
 
     def end_epoch(self) -> None:
         super().end_epoch()

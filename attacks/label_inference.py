@@ -140,25 +140,14 @@ class LabelServer(SplitServer):
 
     def apply_update(self, payload: bytes) -> None:
         """split-he: the batch's label counts from the output layer's bias gradient; the crafted head stays."""
-        if self.recorder is not None:
-            self.recorder.record("head_update_in", payload)
-        if self.mode != "he":
-            raise ProtocolError("head updates are sent only in split-he; in split-plain the server computes them")
-        flat = tensor_from_bytes(payload, "head update", (self.update_size(),))
+        flat = self.read_update(payload)
         out = self.layers[-1]
         db = flat[-out.out_features * (out.in_features + 1):].view(out.out_features, out.in_features + 1)[:, -1]
         now = self._now()
         if now.batch is not None:
             now.counts = counts_from_bias_gradient(db, now.batch)
         if not self.settings.craft_head:  # the curious server's head trains as the protocol says
-            self.optimizer.zero_grad(set_to_none=True)
-            offset = 0
-            for lin in self.layers:
-                k, d = lin.out_features, lin.in_features
-                block = flat[offset:offset + k * (d + 1)].view(k, d + 1)
-                offset += k * (d + 1)
-                lin.weight.grad, lin.bias.grad = block[:, :d].clone(), block[:, d].clone()
-            self.optimizer.step()
+            self.step_head(flat)
         self._next()
 
     def _next(self) -> None:

@@ -175,11 +175,20 @@ class SplitServer:
 
     def apply_update(self, payload: bytes) -> None:
         """HE mode: the hospital's head gradient, every layer's (out, in+1) block [W | b] flattened."""
+        self.step_head(self.read_update(payload))
+        if self.recorder is not None:
+            self.recorder.next_step()
+
+    def read_update(self, payload: bytes) -> torch.Tensor:
+        """A head update as received: recorded, checked against the mode and the head's size, parsed."""
         if self.recorder is not None:
             self.recorder.record("head_update_in", payload)
         if self.mode != "he":
             raise ProtocolError("head updates are sent only in split-he; in split-plain the server computes them")
-        flat = tensor_from_bytes(payload, "head update", (self.update_size(),))
+        return tensor_from_bytes(payload, "head update", (self.update_size(),))
+
+    def step_head(self, flat: torch.Tensor) -> None:
+        """One optimizer step of the head on a flat [W | b] gradient (the layout of :meth:`update_size`)."""
         self.optimizer.zero_grad(set_to_none=True)
         offset = 0
         for lin in self.layers:
@@ -189,8 +198,6 @@ class SplitServer:
             lin.weight.grad = block[:, :d].to(lin.weight.device, lin.weight.dtype).clone()
             lin.bias.grad = block[:, d].to(lin.bias.device, lin.bias.dtype).clone()
         self.optimizer.step()
-        if self.recorder is not None:
-            self.recorder.next_step()
 
     def end_epoch(self) -> None:
         if self.scheduler is not None:
