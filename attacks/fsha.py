@@ -78,7 +78,6 @@ from splitfl.artifacts import write_json
 from splitfl.config import RunConfig, build_train_parser, instantiate, run_config_from_namespace
 from splitfl.config_help import add_field_help
 from splitfl.data import TaskInfo, load_splits
-from splitfl.engine import make_optimizer, make_scheduler
 from splitfl.he.keys import SealEngine, engine_for
 from splitfl.he.params import max_abs_value
 from splitfl.he.wire import EncryptedBatch
@@ -353,15 +352,14 @@ class FSHAServer(SplitServer):
 class FSHAFullServer(FullSplitServer):
     """split-he-full: ``enc(W)`` trained honestly; the returned ``enc(dL/dx)`` is FSHA's, made with the public key."""
 
-    def __init__(self, attack: FeatureSpaceHijacker, lr_schedule: tuple[torch.optim.Optimizer, Any | None],
-                 public_context: bytes, in_features: int, num_classes: int, batch_capacity: int,
-                 initial_weights: bytes, refresh_every: int, recorder: TranscriptRecorder | None = None) -> None:
+    def __init__(self, attack: FeatureSpaceHijacker, public_context: bytes, in_features: int, num_classes: int,
+                 batch_capacity: int, initial_weights: bytes, refresh_every: int,
+                 recorder: TranscriptRecorder | None = None) -> None:
         super().__init__(public_context, in_features, num_classes, batch_capacity, initial_weights, refresh_every,
                          recorder)
         self.attack = attack
         self.reader = KeylessReader(public_context)
         self.meta = {"in_features": in_features, "num_classes": num_classes, "batch_size": batch_capacity}
-        self.lr_opt, self.lr_sched = lr_schedule  # the hospitals' public schedule, replayed from the config
         self.inversions: dict[int, torch.Tensor] = {}
         self.head_inversions: dict[int, torch.Tensor] = {}
         self._z: torch.Tensor | None = None
@@ -385,16 +383,16 @@ class FSHAFullServer(FullSplitServer):
         if self._z is None:
             raise ProtocolError("backward without a preceding training forward")
         z, self._z = self._z, None
-        self.head.backward(unpack_ciphertexts(payload, self.layout.num_classes, "logit gradients"), False)
+        cts = unpack_ciphertexts(payload, self.layout.backward_count(input_grad), "backward message")
+        self.head.backward(cts[self.layout.pairs:] if input_grad else cts, False)  # the update only
         grad = self.attack.adversarial_grad(z)
         self.attack.update(z)
         reply = None
         if input_grad:
             eng = self.head.eng
-            lr = float(self.lr_opt.param_groups[0]["lr"])
-            # the hospital divides by its lr (it folded lr into enc(lr G)); pack_activations' extra bias column is
-            # never read back (unpack_activation_grads keeps in_features)
-            slots = self.layout.pack_activations(lr * grad.detach().double().numpy())
+            # the hospital divides by the batch capacity (it sent enc(B G)); pack_activations' extra bias column
+            # is never read back (unpack_activation_grads keeps in_features)
+            slots = self.layout.pack_activations(self.layout.batch_size * grad.detach().double().numpy())
             reply = pack_ciphertexts([eng.save(public_encrypt(eng, v.astype(np.complex128), eng.first_parms_id,
                                                               eng.scale)) for v in slots])
             self._record("activation_grads_out", reply, True)
@@ -403,9 +401,6 @@ class FSHAFullServer(FullSplitServer):
         return reply
 
     def end_epoch(self) -> None:
-        if self.lr_sched is not None:
-            self.lr_opt.step()
-            self.lr_sched.step()
         self.attack.end_epoch()
 
 
@@ -418,8 +413,7 @@ def fsha_factory(attack: FeatureSpaceHijacker, cfg: RunConfig) -> ServerFactory:
              **shapes: Any) -> Any:
         if mode == "he-full":
             lin = head if isinstance(head, nn.Linear) else next(iter(head.linear_layers()))
-            dummy = make_optimizer([nn.Parameter(torch.zeros(1))], cfg.train)
-            return FSHAFullServer(attack, (dummy, make_scheduler(dummy, cfg.train)), public_context,  # type: ignore[arg-type]
+            return FSHAFullServer(attack, public_context,  # type: ignore[arg-type]
                                   lin.in_features, lin.out_features, batch_capacity, initial_weights,  # type: ignore[arg-type]
                                   cfg.split.full_refresh_every, recorder)
         return FSHAServer(attack, head, optimizer, scheduler, mode, public_context, batch_capacity, recorder, **shapes)

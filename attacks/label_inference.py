@@ -178,8 +178,9 @@ class LabelFullServer(FullSplitServer):
         self.head.weights = [[eng.encrypt_zero(ct.parms_id(), ct.scale) for ct in row] for row in self.head.weights]
 
     def backward(self, payload: bytes, input_grad: bool) -> bytes | None:
-        unpack_ciphertexts(payload, self.layout.num_classes, "logit gradients")  # the honest server's check first
-        self.inferred[self.step] = Inference(labels=self.reader.full_logit_grads(payload, self.meta).argmin(dim=1).numpy())
+        unpack_ciphertexts(payload, self.layout.backward_count(input_grad), "backward message")  # the honest check first
+        grads = self.reader.full_logit_grads(payload, self.meta, input_grad)
+        self.inferred[self.step] = Inference(labels=grads.argmin(dim=1).numpy())
         reply = super().backward(payload, input_grad)  # enc(W) steps on ciphertexts; enc(dL/dx) = enc(G) enc(0)
         if self.settings.craft_head:
             self._zero_head()

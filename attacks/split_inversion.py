@@ -129,12 +129,20 @@ class KeylessReader:
         slots = self._full_slots(payload, lay.n_blocks, "activation")
         return torch.from_numpy(lay.unpack_activation_grads(slots, lay.batch_size)).float()
 
-    def full_logit_grads(self, payload: bytes, meta: dict[str, Any]) -> torch.Tensor:
-        """split-he-full: (batch capacity, num_classes) read at each sample's first feature slot."""
+    def full_logit_grads(self, payload: bytes, meta: dict[str, Any], input_grad: bool) -> torch.Tensor:
+        """split-he-full: (batch capacity, num_classes) read at each sample's first feature slot.
+
+        With ``input_grad`` the message opens with ``enc(lr G)`` (class pairs as real and minus imaginary
+        parts); without it, it holds the batch's update alone, whose first ciphertexts are read the same way
+        (a per-sample label is not in it even in plaintext).
+        """
         lay = self.full_layout(meta)
-        slots = self._full_slots(payload, lay.num_classes, "logit-gradient")
-        f = lay.features_per_block
-        return torch.from_numpy(slots[:, ::f].T.copy()).float()
+        cts = [self.engine.load_ciphertext(c, f"backward ciphertext #{i}")
+               for i, c in enumerate(unpack_ciphertexts(payload, lay.backward_count(input_grad), "backward message"))]
+        slots = np.stack([ciphertext_slots_readout(ct, self.engine, self.decryptor) for ct in cts[: lay.pairs]])
+        f, b = lay.features_per_block, lay.batch_size
+        per_sample = slots[:, : b * f: f]  # (pairs, B) complex
+        return torch.from_numpy(lay._unpaired(per_sample.real - 1j * per_sample.imag).T.copy()).float()
 
     def logit_grads(self, payload: bytes) -> torch.Tensor:
         """(batch, num_classes): the first feature position of each class's tiled ciphertext."""

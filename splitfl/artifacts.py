@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import torch
-
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
@@ -84,6 +82,10 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Pat
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    # The torch-free gRPC clients (splitfl.net.split.client, splitfl.net.fed.client) write keys and certificates
+    # through this module: they must load without torch (seconds and ~300 MB per process).
+    import torch  # lazy: only checkpoints need torch; keys and certificates are written without it
+
     return _atomic(path, lambda tmp: torch.save(dict(state), tmp))
 
 

@@ -128,6 +128,7 @@ BENCHMARKS: dict[str, str] = {
     "split-epoch": "splitfl.bench.split_epoch",  # split-he epoch vs split-plain epoch, end to end
     "fed-round": "splitfl.bench.fed_round",  # one FedAvg round: plaintext vs CKKS-encrypted aggregation
     "split-load": "splitfl.bench.split_load",  # concurrent hospitals one split-he server holds (real processes)
+    "clinic-load": "splitfl.bench.clinic_load",  # 8-256 lightweight hospitals on one server; a 128-site FedAvg+HE round
 }
 
 

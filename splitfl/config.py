@@ -136,6 +136,10 @@ class SplitConfig:
     loss_guard_ratio: float = 0.95  # the loss guard refuses above this ratio (see loss_guard_steps)
     # split-he-full: updates of the encrypted head between two refreshes (key holders decrypt and re-encrypt it)
     full_refresh_every: int = 1000
+    # CKKS worker processes per party (SEAL holds Python's GIL, so more cores means processes): the hospitals'
+    # encryptions and decryptions and, in split-he, the server's head products; 1 = all in the party's own process,
+    # 0 = one per core (see splitfl bench he-head --workers for what they save)
+    he_workers: int = 1
 
 
 @dataclass

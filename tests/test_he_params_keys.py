@@ -15,6 +15,7 @@ from splitfl.he import (
     HEError,
     PackedLinearHE,
     check_depth,
+    check_product_depth,
     check_key_switching,
     check_security,
     context_fingerprint,
@@ -39,7 +40,12 @@ from splitfl.he.keys import _proto_fields
 def test_presets_are_secure_and_deep_enough(name: str) -> None:
     params = PRESETS[name]
     check_security(params)
-    check_depth(params, 1)
+    if name == "full":  # split-he-full: a ciphertext x ciphertext product, rescaled once by a prime above the scale
+        check_product_depth(params)
+        with pytest.raises(HEError, match="middle prime #1 has 60 bits"):
+            check_depth(params, 1)
+    else:
+        check_depth(params, 1)
     check_key_switching(params)
     assert params.name == name and get_preset(name) is params
 

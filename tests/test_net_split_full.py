@@ -158,9 +158,9 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
         with pytest.raises(RemoteError, match="UploadContext before the initial weights"):
             client.upload_weights(pack_weight_rows(rows), pb.WEIGHTS_PURPOSE_INITIAL)
         client.upload_context(full_public_context_bytes(secret, layout), _fp_bytes(context_fingerprint(secret)),
-                              galois=True, relin=True)
-        with pytest.raises(RemoteError, match="1 ciphertexts, expected 2") as e:  # one class's row only
-            client.upload_weights(pack_ciphertexts(rows[0]), pb.WEIGHTS_PURPOSE_INITIAL)
+                              galois=False, relin=True)
+        with pytest.raises(RemoteError, match="2 ciphertexts, expected 1") as e:  # the head's one pair twice
+            client.upload_weights(pack_ciphertexts(rows[0] * 2), pb.WEIGHTS_PURPOSE_INITIAL)
         assert (e.value.code, e.value.error_code) == (grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD)
         client.upload_weights(pack_weight_rows(rows), pb.WEIGHTS_PURPOSE_INITIAL)
         with pytest.raises(RemoteError, match="already holds the encrypted head") as e:
@@ -169,7 +169,7 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
         with pytest.raises(RemoteError, match="ApplyUpdate .*does not exist in split-he-full"):
             client.apply_update(b"")
         client.begin_step(1)
-        enc_g = pack_ciphertexts(hospital.encrypt_logit_grads(torch.zeros(4, 2), 0.1))
+        enc_g = pack_ciphertexts(hospital.encrypt_update(torch.zeros(4, 2), torch.zeros(4, 96), 0.1))  # the update alone
         with pytest.raises(RemoteError, match="does not hold step 1"):  # no training step was granted
             client.backward(enc_g, input_grad=False)
         with pytest.raises(RemoteError, match="no refresh is due|does not hold step"):
@@ -187,7 +187,7 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
         # the head the good upload built answers an evaluation forward: enc(partial logits) of the initial head
         x = torch.randn(4, 96)
         reply = client.forward(pack_ciphertexts(hospital.encrypt_activations(x)), train=False)
-        logits = hospital.decrypt_logits(unpack_ciphertexts(reply, 2, "logits"), 4)
+        logits = hospital.decrypt_logits(unpack_ciphertexts(reply, layout.pairs, "logits"), 4)
         assert torch.allclose(logits.float(), head(x).detach(), atol=1e-4)
         assert svc.server is not None and not svc.has_secret_key()
     finally:
@@ -197,7 +197,7 @@ def test_bad_encrypted_weights_and_training_before_them_are_refused(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     ({"train.optimizer": "adam"}, "plain SGD"),
-    ({"train.batch_size": 24}, "power of two"),
+    ({"train.batch_size": 5000}, "slots"),
     ({"split.dp_noise_multiplier": 1.0, "split.dp_max_grad_norm": 1.0}, "DP on the encrypted head"),
 ])
 def test_the_server_refuses_what_the_encrypted_head_cannot_train_before_serving(tmp_path, change, match):

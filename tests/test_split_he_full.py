@@ -85,7 +85,8 @@ def test_split_he_full_resumes_with_its_encrypted_head(tmp_path, monkeypatch):
 @pytest.mark.parametrize("change, match", [
     ({"train.optimizer": "adam"}, "plain SGD"),
     ({"train.momentum": 0.9}, "plain SGD"),
-    ({"train.batch_size": 24}, "power of two"),
+    ({"train.batch_size": 5000}, "slots"),  # more samples than a ciphertext's 4096 slots
+    ({"train.batch_size": 24}, None),  # any batch that fits: nothing is rotated, no power of two needed
     ({"model.cut": "mlp"}, "encrypted linear head"),
     ({"split.dp_noise_multiplier": 1.0, "split.dp_max_grad_norm": 1.0}, "DP on the encrypted head"),
     ({"split.he_preset": "default"}, None),  # the default preset means "the full preset" here: accepted
@@ -115,7 +116,7 @@ def test_the_final_test_runs_through_the_best_epochs_head():
     from splitfl.split.transport import FullHETransport
 
     secret = create_secret_context(PRESETS["full"])
-    layout = FullHeadLayout(6, 2, 4, 8192)
+    layout = FullHeadLayout(6, 2, 4, PRESETS["full"].slots)
     w0, b0 = torch.randn(2, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     initial = pack_weight_rows(FullHeadHospital(secret, layout).encrypt_weights(w0, b0))
     server = FullSplitServer(full_public_context_bytes(secret, layout), 6, 2, 4, initial, refresh_every=3)

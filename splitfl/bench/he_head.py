@@ -26,18 +26,24 @@ import argparse
 import platform
 import statistics
 import time
+from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sa
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from splitfl.artifacts import write_json
+from splitfl.bench.he_steps import FullHEStep, SplitHEStep, StepData
 from splitfl.he.encrypted_head import EncryptedLinearHead, FullHeadHospital, FullHeadLayout, full_public_context_bytes
-from splitfl.he.keys import create_secret_context, load_public_context, public_context_bytes
+from splitfl.he.keys import SealEngine, create_secret_context, load_public_context, public_context_bytes
 from splitfl.he.linear import PackedLinearHE
 from splitfl.he.mlp import PackedMLPHE, mlp_public_context_bytes
+from splitfl.he.parallel import resolve_workers
+from splitfl.he.opcount import PRIMITIVES, OpCounter, OpKey, floor_seconds, format_counts, time_primitives
 from splitfl.he.params import get_preset, max_abs_value
 from splitfl.he.wire import EncryptedBatch
 from splitfl.tensors import tensor_from_bytes, tensor_to_bytes
@@ -347,109 +353,216 @@ def run_mlp_benchmark(batch: int, dim: int, classes: int, hidden: int, repeats: 
     }
 
 
+def _plain_step_seconds(data: StepData, repeats: int) -> float:
+    """split-plain's training step of the same head: float32 tensors on the wire, the server's torch head."""
+    w, b, x, lr, (n, k) = data.w0.clone(), data.b0.clone(), data.x, data.lr, (data.batch, data.classes)
+
+    def step() -> None:
+        nonlocal w, b
+        xs = tensor_from_bytes(tensor_to_bytes(x), "activations", (None, data.dim)).double()
+        logits = tensor_from_bytes(tensor_to_bytes(F.linear(xs, w, b)), "logits", (n, k))
+        gs = tensor_from_bytes(tensor_to_bytes(data.logit_grad(logits)), "logit grads", (n, k)).double()
+        tensor_from_bytes(tensor_to_bytes(gs @ w), "activation grads", (n, data.dim))
+        w, b = w - lr * gs.T @ xs, b - lr * gs.sum(0)
+
+    return _median(step, max(repeats, 20))[0]
+
+
+def _floor_of(runner: SplitHEStep | FullHEStep, repeats: int) -> tuple[dict[str, float], dict[OpKey, list[bytes]],
+                                                                        dict[str, Counter]]:
+    """Count each part's primitives once (OpCounter), time the parts (median), then the unit costs of all of them."""
+    counts: dict[str, Counter] = {}
+    samples: dict[OpKey, list[bytes]] = {}
+    measured: dict[str, float] = {}
+    for name, fn in runner.parts().items():
+        fn()  # warm-up, and the weights' first update
+        with OpCounter(*runner.engines) as counter:
+            fn()
+        counts[name], samples = counter.counts, {**samples, **counter.load_samples}
+        measured[name] = _median(fn, repeats, warmup=0)[0]
+    return measured, samples, counts  # type: ignore[return-value]
+
+
+def _unit_costs(secret: SealEngine, keys: set[OpKey], samples: dict[OpKey, list[bytes]],
+                repeats: int) -> dict[OpKey, float]:
+    """Unit cost of every counted primitive, and of each primitive of the issue's list at the top level."""
+    top = secret.levels
+    reference = {OpKey(p, top, 0 if p in ("encode", "decode") else 2, p == "encrypt")
+                 for p in PRIMITIVES if p != "encrypt_public"}
+    reference |= {OpKey("serialise", top, 2, True), OpKey("deserialise", top, 2, True)}
+    keygen = sa.KeyGenerator(secret.context, secret.secret_key)
+    relin, galois = sa.RelinKeys(), sa.GaloisKeys()
+    keygen.create_relin_keys(relin)  # this key's own evaluation keys (a key switch costs the same under any key)
+    elts = secret.context.key_context_data().galois_tool().get_elts_from_steps([1])
+    keygen.create_galois_keys(elts, galois)  # rotation is timed for the table (neither protocol rotates)
+    return time_primitives(secret, keys | reference, relin=relin, galois=galois, load_samples=samples,
+                           repeats=repeats)
+
+
+def _unit_rows(unit: dict[OpKey, float]) -> list[dict[str, Any]]:
+    return [{"primitive": k.primitive, "level": k.level, "size": k.size, "seeded": k.seeded, "unit_ms": v * 1e3}
+            for k, v in sorted(unit.items(), key=lambda kv: (PRIMITIVES.index(kv[0].primitive), kv[0]))]
+
+
+def _floor_rows(measured: dict[str, float], counts: dict[str, Counter], unit: dict[OpKey, float]) -> dict[str, Any]:
+    out = {}
+    for name, sec in measured.items():
+        floor = floor_seconds(counts[name], unit)
+        out[name] = {"measured_ms": sec * 1e3, "floor_ms": floor * 1e3, "ratio_to_floor": sec / floor,
+                     "primitives": format_counts(counts[name], unit)}
+    return out
+
+
 def run_full_benchmark(batch: int = 64, dim: int = 512, classes: int = 5, repeats: int = 5, seed: int = 0,
-                       lr: float = 0.05) -> dict[str, Any]:
-    """One training step of the head (forward, loss gradient, backward with dL/dx, SGD update), side by side:
+                       lr: float = 0.05, check_steps: int = 100) -> dict[str, Any]:
+    """One training step of the head (forward, loss gradient, backward with dL/dx, SGD update), side by side,
+    each beside its CKKS floor:
 
     * split-plain: float32 tensors on the wire, the server's torch head;
-    * split-he: activations and logit gradients encrypted, plaintext weights (preset ``default``); the
-      server applies the hospital's batch-aggregated plaintext update;
-    * split-he-full: weights encrypted too (preset ``full``), the update computed on ciphertexts.
+    * split-he: activations and logit gradients encrypted, plaintext weights; the server applies the
+      hospital's batch-aggregated plaintext update and encodes the new weights;
+    * split-he-full: weights encrypted too; the hospital sends ``enc(lr dL/dW)`` in the weights' layout.
+
+    The floor of a step is the sum over the CKKS primitives it runs (counted by :class:`OpCounter` on the real
+    code) of count x the primitive's unit cost, timed alone in the same run. After the timing the encrypted
+    head is trained up to ``check_steps`` steps on the batch and compared with plaintext SGD.
     """
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, dim, generator=g).double()
-    y = torch.randint(0, classes, (batch,), generator=g)
-    lin = torch.nn.Linear(dim, classes).double()
-    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
-
-    def logit_grad(logits: torch.Tensor) -> torch.Tensor:
-        z = logits.double().clone().requires_grad_(True)
-        F.cross_entropy(z, y).backward()
-        return z.grad
-
-    plain_w = {"w": w0.clone(), "b": b0.clone()}
-
-    def plain_step() -> None:
-        xs = tensor_from_bytes(tensor_to_bytes(x), "activations", (None, dim)).double()
-        logits = tensor_from_bytes(tensor_to_bytes(F.linear(xs, plain_w["w"], plain_w["b"])), "logits", (batch, classes))
-        gs = tensor_from_bytes(tensor_to_bytes(logit_grad(logits)), "logit grads", (batch, classes)).double()
-        tensor_from_bytes(tensor_to_bytes(gs @ plain_w["w"]), "activation grads", (batch, dim))
-        plain_w["w"] -= lr * gs.T @ xs
-        plain_w["b"] -= lr * gs.sum(0)
-
-    params = get_preset("default")
-    ctx = create_secret_context(params)
-    pub = load_public_context(public_context_bytes(ctx))
-    head = PackedLinearHE(dim, classes, batch, params.slots)
-    he_w = {"w": w0.clone().float(), "b": b0.clone().float()}
-
-    def he_step() -> None:
-        head.clear_cache()  # new weights every step
-        enc = EncryptedBatch.from_bytes(pub, head.encrypt_activations(ctx, x.float()).to_bytes(), expect_kind="activations")
-        reply = head.forward(enc, he_w["w"], he_w["b"]).to_bytes()
-        logits = head.decrypt_logits(ctx, EncryptedBatch.from_bytes(ctx, reply), dtype=torch.float64)
-        grad = logit_grad(logits)
-        enc_g = EncryptedBatch.from_bytes(pub, head.encrypt_logit_grads(ctx, grad.float()).to_bytes())
-        back = head.backward_input(enc_g, he_w["w"]).to_bytes()
-        head.decrypt_activation_grads(ctx, EncryptedBatch.from_bytes(ctx, back), dtype=torch.float64)
-        update = tensor_to_bytes(torch.cat([grad.T @ x, grad.sum(0)[:, None]], dim=1).float())  # batch-aggregated
-        u = tensor_from_bytes(update, "head update", (classes, dim + 1))
-        he_w["w"] -= lr * u[:, :dim]
-        he_w["b"] -= lr * u[:, dim]
-
-    full_params = get_preset("full")
-    fctx = create_secret_context(full_params)
-    layout = FullHeadLayout(dim, classes, batch, full_params.slots)
-    t0 = time.perf_counter()
-    fpub = load_public_context(full_public_context_bytes(fctx, layout))
-    keygen = time.perf_counter() - t0
-    hospital = FullHeadHospital(fctx, layout)
-    server = EncryptedLinearHead(fpub, layout, hospital.encrypt_weights(w0, b0), refresh_every=10**9)
-    sizes: dict[str, int] = {}
-
-    def full_step() -> None:
-        up = hospital.encrypt_activations(x)
-        down = server.forward(up)
-        grad = logit_grad(hospital.decrypt_logits(down, batch))
-        g_up = hospital.encrypt_logit_grads(grad, lr)
-        dx = server.backward(g_up, input_grad=True)
-        hospital.decrypt_activation_grads(dx, batch, lr)
-        sizes.update(up=sum(map(len, up)) + sum(map(len, g_up)), down=sum(map(len, down)) + sum(map(len, dx)))
-
-    t_plain, _ = _median(plain_step, max(repeats, 20))
-    t_he, _ = _median(he_step, repeats)
-    t_full, _ = _median(full_step, repeats, warmup=1)
-    steps = server.updates  # every timed and warm-up step trained the encrypted head on the same batch
-    ref_w, ref_b = w0.clone(), b0.clone()
-    for _ in range(steps):
-        grad = logit_grad(F.linear(x, ref_w, ref_b))
-        ref_w, ref_b = ref_w - lr * grad.T @ x, ref_b - lr * grad.sum(0)
-    dec_w, dec_b = hospital.decrypt_weights(server.export_weights())
+    data = StepData(dim, classes, batch, seed, lr)
+    t_plain = _plain_step_seconds(data, repeats)
+    he, full = SplitHEStep(data), FullHEStep(data)
+    he_measured, he_samples, he_counts = _floor_of(he, repeats)
+    full_measured, full_samples, full_counts = _floor_of(full, repeats)
+    he_unit = _unit_costs(he.engines[0], {k for c in he_counts.values() for k in c}, he_samples, max(repeats, 48))
+    full_unit = _unit_costs(full.engines[0], {k for c in full_counts.values() for k in c}, full_samples,
+                            max(repeats, 48))
+    he_rows, full_rows = _floor_rows(he_measured, he_counts, he_unit), _floor_rows(full_measured, full_counts, full_unit)
+    while full.server.updates < check_steps:
+        full.step()
+    t_he, t_full = he_measured["step"], full_measured["step"]
+    up = full.bytes["activations"] + full.bytes["logit_grads"] + full.bytes["update"]
+    down = full.bytes["logits"] + full.bytes["activation_grads"]
+    he_up = sum(he.bytes[k] for k in ("activations", "logit_grads", "update"))
+    he_down = he.bytes["logits"] + he.bytes["activation_grads"]
+    lay = full.layout
     return {
         "split_plain_step_s": t_plain,
         "split_he_step_s": t_he,
         "split_he_full_step_s": t_full,
         "full_vs_split_he": t_full / t_he,
         "full_vs_split_plain": t_full / t_plain,
-        "full_bytes_per_sample_up": sizes["up"] / batch,
-        "full_bytes_per_sample_down": sizes["down"] / batch,
-        "full_weight_error_after_steps": float(max((dec_w - ref_w).abs().max(), (dec_b - ref_b).abs().max())),
-        "full_steps_checked": steps,
-        "full_keygen_s": keygen,
-        "full_preset": full_params.describe(),
-        "full_layout": {"features_per_block": layout.features_per_block, "blocks": layout.n_blocks,
-                        "weight_ciphertexts": classes * layout.n_blocks, "rotations_per_step":
-                        classes * layout.n_blocks * len(layout.rotation_steps())},
+        "floor_ms": he_rows["step"]["floor_ms"],
+        "ratio_to_floor": he_rows["step"]["ratio_to_floor"],
+        "full_floor_ms": full_rows["step"]["floor_ms"],
+        "full_ratio_to_floor": full_rows["step"]["ratio_to_floor"],
+        "floor": {"split_he": he_rows, "split_he_full": full_rows,
+                  "unit_ms": {"split_he": _unit_rows(he_unit), "split_he_full": _unit_rows(full_unit)},
+                  "presets": {"split_he": he.params.describe(), "split_he_full": full.params.describe()}},
+        "split_he_bytes_per_sample_up": he_up / batch,
+        "split_he_bytes_per_sample_down": he_down / batch,
+        "full_bytes_per_sample_up": up / batch,
+        "full_bytes_per_sample_down": down / batch,
+        "full_bytes_per_step": dict(full.bytes),
+        "full_weight_error_after_steps": full.weight_error(),
+        "full_steps_checked": full.server.updates,
+        "full_preset": full.params.describe(),
+        "full_layout": {"features_per_block": lay.features_per_block, "blocks": lay.n_blocks, "class_pairs": lay.pairs,
+                        "weight_ciphertexts": lay.pairs * lay.n_blocks, "rotations_per_step": 0},
     }
+
+
+def run_sweep(dims: Sequence[int], classes: Sequence[int], batches: Sequence[int], repeats: int = 3,
+              seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """samples/s of a split-he and a split-he-full training step (with dL/dx) at each width, class count, batch."""
+    rows = []
+    grid = [(d, k, b) for b in batches for k in classes for d in dims]
+    for d, k, b in tqdm(grid, desc="he-head sweep", disable=not progress):
+        data = StepData(d, k, b, seed)
+        he, full = SplitHEStep(data), FullHEStep(data)
+        t_he = _median(he.step, repeats, warmup=1)[0]
+        t_full = _median(full.step, repeats, warmup=1)[0]
+        rows.append({"dim": d, "classes": k, "batch": b, "split_he_step_s": t_he, "split_he_full_step_s": t_full,
+                     "split_he_samples_per_s": b / t_he, "split_he_full_samples_per_s": b / t_full,
+                     "full_vs_split_he": t_full / t_he,
+                     "full_weight_ciphertexts": full.layout.pairs * full.layout.n_blocks,
+                     "full_bytes_per_sample_up": (full.bytes["activations"] + full.bytes["logit_grads"]
+                                                  + full.bytes["update"]) / b})
+    return rows
+
+
+def run_parallel(shapes: Sequence[tuple[int, int, int]], workers: int, repeats: int = 5,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Each training step in one process and with ``workers`` processes per party, side by side, per shape.
+
+    split-he: the hospital's encryptions and decryptions and the server's products are split over classes;
+    split-he-full: the hospital's encryptions (the update's are most of the step) and decryptions.
+    """
+    rows = []
+    for d, k, b in shapes:
+        data = StepData(d, k, b, seed)
+        row: dict[str, Any] = {"dim": d, "classes": k, "batch": b, "workers": workers}
+        for name, make in (("split_he", lambda n: SplitHEStep(data, workers=n)),
+                           ("split_he_full", lambda n: FullHEStep(data, workers=n))):
+            one, many = make(1), make(workers)
+            try:
+                t1, tn = [], []
+                for _ in range(repeats + 1):  # alternate, so machine noise hits both alike; the first is warm-up
+                    for runner, times in ((one, t1), (many, tn)):
+                        t0 = time.perf_counter()
+                        runner.step()
+                        times.append(time.perf_counter() - t0)
+            finally:
+                many.close()
+            row[f"{name}_one_process_s"], row[f"{name}_workers_s"] = statistics.median(t1[1:]), statistics.median(tn[1:])
+            row[f"{name}_speedup"] = row[f"{name}_one_process_s"] / row[f"{name}_workers_s"]
+        rows.append(row)
+    return rows
+
+
+def format_parallel(rows: list[dict[str, Any]]) -> str:
+    lines = [f"Training step in one process vs {rows[0]['workers']} worker processes per party (median, alternating runs)"]
+    for r in rows:
+        lines.append(f"  d={r['dim']} K={r['classes']} batch {r['batch']}: split-he {r['split_he_one_process_s'] * 1e3:.0f} -> "
+                     f"{r['split_he_workers_s'] * 1e3:.0f} ms ({r['split_he_speedup']:.2f}x), split-he-full "
+                     f"{r['split_he_full_one_process_s'] * 1e3:.0f} -> {r['split_he_full_workers_s'] * 1e3:.0f} ms "
+                     f"({r['split_he_full_speedup']:.2f}x)")
+    return "\n".join(lines)
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'d':>5s} {'K':>3s} {'batch':>5s} {'split-he ms':>11s} {'samples/s':>9s} {'full ms':>8s} "
+            f"{'samples/s':>9s} {'full/he':>7s} {'enc(W) cts':>10s} {'full up KB/smpl':>15s}")
+    lines = ["Training step (forward, dL/dx, update) by width, classes and batch; default preset", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['dim']:5d} {r['classes']:3d} {r['batch']:5d} {r['split_he_step_s'] * 1e3:11.1f} "
+                     f"{r['split_he_samples_per_s']:9.0f} {r['split_he_full_step_s'] * 1e3:8.1f} "
+                     f"{r['split_he_full_samples_per_s']:9.0f} {r['full_vs_split_he']:7.2f} "
+                     f"{r['full_weight_ciphertexts']:10d} {r['full_bytes_per_sample_up'] / 1e3:15.1f}")
+    return "\n".join(lines)
+
+
+def format_floor(full: dict[str, Any]) -> str:
+    """The floor table: each protocol part, measured beside count x unit cost, and the unit costs."""
+    lines = ["", "CKKS floor (sum over the primitives a part runs of count x unit cost, both timed in this run)",
+             f"{'':32s} {'measured ms':>11s} {'floor ms':>9s} {'ratio':>6s}  primitives (count)"]
+    for proto, label in (("split_he", "split-he"), ("split_he_full", "split-he-full")):
+        for part, row in full["floor"][proto].items():
+            prims = Counter()
+            for p in row["primitives"]:
+                prims[p["primitive"]] += p["count"]
+            summary = ", ".join(f"{p} {n}" for p, n in prims.items())
+            lines.append(f"{label + ' ' + part:32s} {row['measured_ms']:11.1f} {row['floor_ms']:9.1f} "
+                         f"{row['ratio_to_floor']:6.2f}  {summary}")
+    for proto, label in (("split_he", "split-he"), ("split_he_full", "split-he-full")):
+        lines.append(f"unit costs, {full['floor']['presets'][proto]} (ms; @L level, x3 three polynomials, s seeded): "
+                     + ", ".join(f"{u['primitive']}@L{u['level']}{'x3' if u['size'] == 3 else ''}"
+                                 f"{'s' if u['seeded'] else ''} {u['unit_ms']:.3f}" for u in full["floor"]["unit_ms"][proto]))
+    return "\n".join(lines)
 
 
 def run_full_drift(updates: int = 3000, dim: int = 32, classes: int = 2, batch: int = 8, lr: float = 0.01,
                    check_every: int = 500, seed: int = 0) -> dict[str, Any]:
     """How far the encrypted weights drift from plaintext SGD over many updates, without any refresh.
 
-    Two servers side by side on the same batches: the head as it runs (the batch sum's key-switching error
-    cancelled) and the same head without the cancellation, so the curves show what the cancellation saves.
     The gradients are fixed random ones (the drift is the CKKS noise of the update path, not the model), so
     the plaintext reference is exact. Small head: thousands of updates take a few minutes.
     """
@@ -461,26 +574,22 @@ def run_full_drift(updates: int = 3000, dim: int = 32, classes: int = 2, batch: 
     hospital = FullHeadHospital(ctx, layout)
     g = torch.Generator().manual_seed(seed)
     w, b = torch.randn(classes, dim, generator=g, dtype=torch.float64) * 0.1, torch.zeros(classes, dtype=torch.float64)
-    servers = {name: EncryptedLinearHead(pub, layout, hospital.encrypt_weights(w, b), refresh_every=10**9,
-                                         cancel_key_switch_error=cancel)
-               for name, cancel in (("cancelled", True), ("uncancelled", False))}
-    curves: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    server = EncryptedLinearHead(pub, layout, hospital.encrypt_weights(w, b), refresh_every=10**9)
+    curve: list[dict[str, float]] = []
     t0 = time.perf_counter()
     for step in range(1, updates + 1):
         x = torch.randn(batch, dim, generator=g, dtype=torch.float64)
         grad = torch.randn(batch, classes, generator=g, dtype=torch.float64) / batch
-        for server in servers.values():
-            server.forward(hospital.encrypt_activations(x))
-            server.backward(hospital.encrypt_logit_grads(grad, lr), input_grad=False)
+        server.forward(hospital.encrypt_activations(x))
+        server.backward(hospital.encrypt_update(grad, x, lr), input_grad=False)
         w, b = w - lr * grad.T @ x, b - lr * grad.sum(0)
         if step % check_every == 0 or step == updates:
-            for name, server in servers.items():
-                dw, db = hospital.decrypt_weights(server.export_weights())
-                curves[name].append({"updates": step, "max_abs_error": float(max((dw - w).abs().max(), (db - b).abs().max())),
-                                     "max_abs_weight": float(w.abs().max())})
-    return {"updates": updates, "seconds": time.perf_counter() - t0, "curve": curves["cancelled"],
-            "curve_uncancelled": curves["uncancelled"],
+            dw, db = hospital.decrypt_weights(server.export_weights())
+            curve.append({"updates": step, "max_abs_error": float(max((dw - w).abs().max(), (db - b).abs().max())),
+                          "max_abs_weight": float(w.abs().max())})
+    return {"updates": updates, "seconds": time.perf_counter() - t0, "curve": curve,
             "layout": {"dim": dim, "classes": classes, "batch": batch}, "preset": params.describe()}
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -497,8 +606,20 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--full-drift", type=int, default=0, metavar="N",
                         help="also train a small encrypted head for N updates without refresh and print its drift")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time a training step of split-plain, split-he and split-he-full side by side")
+                        help="also time a training step of split-plain, split-he and split-he-full side by side, "
+                             "each beside its CKKS floor")
+    parser.add_argument("--check-steps", type=int, default=100,
+                        help="encrypted split-he-full steps after which its head is compared with plaintext SGD")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also time each training step with this many CKKS worker processes per party beside one "
+                             "process (0: every core; 1: skip)")
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time both training steps at every width x classes x batch below")
+    parser.add_argument("--sweep-dims", type=int, nargs="+", default=[512, 768, 1024])
+    parser.add_argument("--sweep-classes", type=int, nargs="+", default=[2, 5, 9])
+    parser.add_argument("--sweep-batches", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # SEAL is single-threaded; the hospital's small torch ops would only contend for cores
     result = run_benchmark(
         batch=args.batch,
         dim=args.dim,
@@ -519,24 +640,41 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             f"max abs error {mlp['max_abs_error']:.1e}"
         )
     if args.full:
-        full = run_full_benchmark(args.batch, args.dim, args.classes, seed=args.seed)
+        full = run_full_benchmark(args.batch, args.dim, args.classes, repeats=max(5, args.repeats // 2), seed=args.seed,
+                                  check_steps=args.check_steps)
         result["full_head"] = full
+        for key in ("floor_ms", "ratio_to_floor", "full_floor_ms", "full_ratio_to_floor", "full_vs_split_he"):
+            result[key] = full[key]
         print(
             f"\nTraining step of the head (batch {args.batch}, {args.dim}->{args.classes}; forward, backward with dL/dx, "
             f"SGD update): split-plain {full['split_plain_step_s'] * 1e3:.2f} ms, split-he {full['split_he_step_s'] * 1e3:.0f} ms, "
-            f"split-he-full {full['split_he_full_step_s'] * 1e3:.0f} ms = {full['full_vs_split_he']:.1f}x split-he, "
-            f"{full['full_vs_split_plain']:.0f}x split-plain; {full['full_bytes_per_sample_up'] / 1e3:.0f} KB up + "
-            f"{full['full_bytes_per_sample_down'] / 1e3:.0f} KB down per sample; weights after "
-            f"{full['full_steps_checked']} encrypted steps off plaintext SGD by {full['full_weight_error_after_steps']:.1e} "
-            f"({full['full_layout']['rotations_per_step']} rotations per step)"
+            f"split-he-full {full['split_he_full_step_s'] * 1e3:.0f} ms = {full['full_vs_split_he']:.2f}x split-he, "
+            f"{full['full_vs_split_plain']:.0f}x split-plain; split-he-full {full['full_bytes_per_sample_up'] / 1e3:.0f} KB up + "
+            f"{full['full_bytes_per_sample_down'] / 1e3:.0f} KB down per sample (split-he "
+            f"{full['split_he_bytes_per_sample_up'] / 1e3:.0f} + {full['split_he_bytes_per_sample_down'] / 1e3:.0f}); "
+            f"weights after {full['full_steps_checked']} encrypted steps off plaintext SGD by "
+            f"{full['full_weight_error_after_steps']:.1e} ({full['full_layout']['rotations_per_step']} rotations per step)"
         )
+        print(format_floor(full))
+        print(f"headline: split-he training step {full['ratio_to_floor']:.2f}x its floor ({full['floor_ms']:.1f} ms), "
+              f"split-he-full {full['full_ratio_to_floor']:.2f}x its floor ({full['full_floor_ms']:.1f} ms), "
+              f"split-he-full / split-he {full['full_vs_split_he']:.2f}")
+    workers = resolve_workers(args.workers)
+    if workers > 1:
+        shapes = [(args.dim, args.classes, args.batch), (1024, 9, 256)]
+        par = run_parallel(shapes, workers, seed=args.seed)
+        result["parallel"] = par
+        print("\n" + format_parallel(par))
+    if args.sweep:
+        rows = run_sweep(args.sweep_dims, args.sweep_classes, args.sweep_batches, repeats=3, seed=args.seed)
+        result["sweep"] = rows
+        print("\n" + format_sweep(rows))
     if args.full_drift > 0:
         drift = run_full_drift(args.full_drift)
         result["full_head_drift"] = drift
-        points = ", ".join(f"{p['updates']}: {p['max_abs_error']:.1e} ({q['max_abs_error'] / p['max_abs_error']:.0f}x)"
-                           for p, q in zip(drift["curve"], drift["curve_uncancelled"]))
-        print(f"\nsplit-he-full drift from plaintext SGD without refresh (max |error| after N updates; in brackets "
-              f"how much larger without cancelling the batch sum's key-switching error): {points} ({drift['seconds']:.0f} s)")
+        points = ", ".join(f"{p['updates']}: {p['max_abs_error']:.1e}" for p in drift["curve"])
+        print(f"\nsplit-he-full drift from plaintext SGD without refresh (max |error| after N updates): {points} "
+              f"({drift['seconds']:.0f} s)")
     if args.json:
         write_json(args.json, result)
         print(f"\nwrote {args.json}")

@@ -31,7 +31,6 @@ The first round of the first epoch is a warm-up (context upload, feature caching
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import platform
@@ -49,6 +48,7 @@ import torch
 from tqdm import tqdm
 
 from splitfl.artifacts import write_json
+from splitfl.bench.procstat import Sampler, percentile, read_rows
 from splitfl.config import (
     DataConfig,
     ModelConfig,
@@ -60,8 +60,6 @@ from splitfl.config import (
 from splitfl.net.launch import free_port, prepare, server_command, site_command, start, write_config
 
 __all__ = ["format_table", "judge", "load_config", "main", "run_benchmark", "summarise"]
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def load_config(args: argparse.Namespace, n: int) -> RunConfig:
@@ -78,69 +76,6 @@ def load_config(args: argparse.Namespace, n: int) -> RunConfig:
     )
 
 
-# ----------------------------------------------------------------------------- /proc sampling
-
-
-def _proc(pid: int) -> tuple[float, float, float, float] | None:
-    """(CPU seconds, RSS MB, peak RSS MB, PSS MB) of a live process, or None.
-
-    PSS (proportional set size) shares each shared page among the processes mapping it, so the PSS of
-    N hospitals adds up to the memory they really take (their RSS counts torch's libraries N times).
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        status = Path(f"/proc/{pid}/status").read_text()
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-    mem = {line.split(":")[0]: line.split()[1] for line in (status + rollup).splitlines()
-           if line.startswith(("VmRSS:", "VmHWM:", "Pss:"))}
-    return cpu, int(mem.get("VmRSS", 0)) / 1024, int(mem.get("VmHWM", 0)) / 1024, int(mem.get("Pss", 0)) / 1024
-
-
-def _machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy (every core; /proc/stat, not idle or iowait)."""
-    try:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return math.nan
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
-
-
-class _Sampler:
-    """Samples the server, the hospitals and the machine every ``--sample-s`` seconds (/proc)."""
-
-    def __init__(self, server_pid: int, site_pids: list[int]) -> None:
-        self.server_pid, self.site_pids = server_pid, site_pids
-        # (unix time, server CPU s, server RSS MB, the hospitals' CPU s added up, the machine's busy CPU s)
-        self.samples: list[tuple[float, float, float, float, float]] = []
-        self.server_peak = 0.0
-        self.sites_pss_peak = 0.0  # the hospitals' PSS added up, the largest sample
-
-    def sample(self) -> None:
-        s = _proc(self.server_pid)
-        sites = [_proc(pid) for pid in self.site_pids]
-        if s is not None:
-            self.samples.append((time.time(), s[0], s[1], sum(h[0] for h in sites if h is not None), _machine_busy()))
-            self.server_peak = max(self.server_peak, s[2])
-        self.sites_pss_peak = max(self.sites_pss_peak, sum(h[3] for h in sites if h is not None))
-
-    def cores_between(self, t0: float, t1: float) -> dict[str, float]:
-        """Cores busy between unix times t0 and t1 (the samples inside): server, hospitals, the whole machine."""
-        inside = [s for s in self.samples if t0 <= s[0] <= t1]
-        if len(inside) < 2:
-            return {"server": math.nan, "hospitals": math.nan, "machine": math.nan}
-        a, b = inside[0], inside[-1]
-        dt = max(b[0] - a[0], 1e-9)
-        return {"server": (b[1] - a[1]) / dt, "hospitals": (b[3] - a[3]) / dt, "machine": (b[4] - a[4]) / dt}
-
-    def rss_between(self, t0: float, t1: float) -> float:
-        inside = [s[2] for s in self.samples if t0 <= s[0] <= t1]
-        return statistics.median(inside) if inside else math.nan
-
-
 # ----------------------------------------------------------------------------- one N
 
 
@@ -154,13 +89,6 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def _run_one(args: argparse.Namespace, n: int, root: Path, pki: Path, bar: Any) -> dict[str, Any]:
@@ -179,7 +107,7 @@ def _run_one(args: argparse.Namespace, n: int, root: Path, pki: Path, bar: Any) 
     for i in range(n):
         procs[f"site-{i}"] = start(site_command(config, i, address, pki, out / "sites" / f"site-{i}", False,
                                                 connect_timeout=args.timeout), logs / f"site-{i}.log")
-    sampler = _Sampler(procs["server"].pid, [p.pid for k, p in procs.items() if k != "server"])
+    sampler = Sampler(procs["server"].pid, [p.pid for k, p in procs.items() if k != "server"], machine=True)
     deadline = time.monotonic() + args.timeout
     epochs_seen, timed_out, state = 0, False, ""
     try:
@@ -188,7 +116,7 @@ def _run_one(args: argparse.Namespace, n: int, root: Path, pki: Path, bar: Any) 
                 timed_out = True
                 break
             sampler.sample()
-            done = len(_rows(out / "server" / "history.csv"))
+            done = len(read_rows(out / "server" / "history.csv"))
             if done > epochs_seen:
                 bar.update(done - epochs_seen)
                 epochs_seen = done
@@ -214,22 +142,12 @@ def _run_one(args: argparse.Namespace, n: int, root: Path, pki: Path, bar: Any) 
         "launched": t_launch,
         "timed_out": timed_out,
         "exit_codes": codes,
-        "steps": _rows(out / "server" / "steps.csv"),
-        "history": _rows(out / "server" / "history.csv"),
+        "steps": read_rows(out / "server" / "steps.csv"),
+        "history": read_rows(out / "server" / "history.csv"),
         "sampler": sampler,
         "logs": log_text,
         "load": (load_before, os.getloadavg()),
     }
-
-
-def _pct(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation; nan if empty."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
@@ -260,7 +178,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     server_s = [float(s["server_s"]) for s in timed]
     t0 = min((float(s["granted"]) for s in timed), default=math.nan)
     t1 = max((float(s["closed"]) for s in timed), default=math.nan)
-    cores = sampler.cores_between(t0, t1)
+    cores = sampler.cores(t0, t1)
     logs = raw["logs"]
     site_logs = [v for k, v in logs.items() if k != "server.log"]
     failed = {k: c for k, c in raw["exit_codes"].items() if c not in (0,)}
@@ -271,7 +189,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         "steps_timed": len(lat),
         "rounds_timed": len(rounds),
         "step_s_median": statistics.median(lat) if lat else math.nan,
-        "step_s_p95": _pct(lat, 0.95),
+        "step_s_p95": percentile(lat, 0.95),
         "step_s_max": max(lat, default=math.nan),
         "server_s_median": statistics.median(server_s) if server_s else math.nan,  # the head's compute per step
         "steps_per_s": len(lat) / busy if busy > 0 else math.nan,
@@ -280,13 +198,13 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         "round_cv": statistics.pstdev(rounds) / mean_round if len(rounds) > 1 else math.nan,
         "warmup_round_s": warmup,
         "join_s": first_grant - raw["launched"],  # launch of all processes to the first granted step
-        "server_cpu_cores": cores["server"],
-        "hospitals_cpu_cores": cores["hospitals"],  # all N hospitals added up: about one active at a time
+        "server_cpu_cores": cores["proc"],
+        "hospitals_cpu_cores": cores["others"],  # all N hospitals added up: about one active at a time
         "machine_cpu_cores": cores["machine"],  # everything on the machine, other users' jobs included
-        "other_cpu_cores": cores["machine"] - cores["server"] - cores["hospitals"],
-        "server_rss_mb_median": sampler.rss_between(t0, t1),
-        "server_rss_mb_peak": sampler.server_peak,
-        "hospitals_pss_mb_peak_total": sampler.sites_pss_peak,
+        "other_cpu_cores": cores["machine"] - cores["proc"] - cores["others"],
+        "server_rss_mb_median": sampler.between(t0, t1)["rss_mb_median"],
+        "server_rss_mb_peak": sampler.peak()["rss_mb_peak"] if sampler.samples else 0.0,  # 0: the server never ran
+        "hospitals_pss_mb_peak_total": sampler.others_pss_peak_mb,
         "turn_timeouts": timeouts,
         "sites_skipped": skipped,
         "failed_processes": failed,

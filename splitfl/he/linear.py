@@ -29,6 +29,7 @@ import torch
 
 from .keys import SealEngine, engine_for
 from .packing import PackedLayout
+from .parallel import CKKSWorkers, cached_plaintexts, digest
 from .params import HEError, check_depth, max_abs_value
 from .wire import EncryptedBatch, check_message_shape
 
@@ -72,19 +73,89 @@ def sum_of_products(
     return acc
 
 
+def check_ciphertext(eng: SealEngine, ct: sa.Ciphertext, parms_id: list, what: str, stage: str) -> None:
+    """HEError unless ``ct`` has two polynomials at ``parms_id`` and the context's scale (``stage`` says which)."""
+    if ct.parms_id() != parms_id or ct.size() != 2 or not math.isclose(ct.scale, eng.scale, rel_tol=1e-9):
+        raise HEError(
+            f"{what} is at the wrong level or scale (size {ct.size()}, scale 2^{math.log2(ct.scale):.2f}); "
+            f"expected {stage} at scale 2^{eng.params.scale_bits}."
+        )
+
+
+def check_fresh(eng: SealEngine, ct: sa.Ciphertext, what: str) -> None:
+    check_ciphertext(eng, ct, eng.first_parms_id, what, "a fresh encryption")
+
+
+def check_result(eng: SealEngine, ct: sa.Ciphertext, what: str) -> None:
+    check_ciphertext(eng, ct, eng.next_parms_id, what, "a result after one rescale")
+
+
 def load_ciphertexts(eng: SealEngine, enc: EncryptedBatch, parms_id: list, stage: str) -> list[sa.Ciphertext]:
     """Parse every ciphertext of a batch, refusing any at another level or scale than ``stage`` expects."""
     cts = []
     for i, payload in enumerate(enc.payloads):
         what = f"ciphertext #{i} of the {enc.kind} batch"
         ct = eng.load_ciphertext(payload, what)
-        if ct.parms_id() != parms_id or ct.size() != 2 or not math.isclose(ct.scale, eng.scale, rel_tol=1e-9):
-            raise HEError(
-                f"{what} is at the wrong level or scale (size {ct.size()}, scale 2^{math.log2(ct.scale):.2f}); "
-                f"expected {stage} at scale 2^{eng.params.scale_bits}."
-            )
+        check_ciphertext(eng, ct, parms_id, what, stage)
         cts.append(ct)
     return cts
+
+
+# ---------------------------------------------------------------------------- the server's work in CKKSWorkers
+
+
+def _weight_plains(eng: SealEngine, cache: OrderedDict, layout: PackedLayout, w: np.ndarray,
+                   classes: range) -> _Encoded:
+    """A worker's plaintexts of ``W`` for its ``classes`` ([class - start][block]), encoded once per weight version.
+
+    Forward and backward split the work by the same classes, so each worker encodes its rows once per version.
+    """
+
+    def make() -> _Encoded:
+        scale = float(eng.data_primes[-1])
+        part = layout.weight_blocks(w)[classes.start:classes.stop]
+        return [[eng.encode(row, eng.first_parms_id, scale) if np.any(row != 0) else None for row in per_class]
+                for per_class in part]
+
+    return cached_plaintexts(cache, ("packed-linear", digest(w), classes.start, classes.stop), make)
+
+
+def _load_fresh(eng: SealEngine, payloads: Sequence[bytes], kind: str) -> list[sa.Ciphertext]:
+    cts = []
+    for i, data in enumerate(payloads):
+        what = f"ciphertext #{i} of the {kind} batch"
+        ct = eng.load_ciphertext(data, what)
+        check_fresh(eng, ct, what)
+        cts.append(ct)
+    return cts
+
+
+def _forward_part(eng: SealEngine, cache: OrderedDict, layout: PackedLayout, w: np.ndarray, classes: range,
+                  payloads: list[bytes]) -> list[Optional[bytes]]:
+    """The logits ciphertexts of ``classes``: sum over blocks of x_c * W_kc, rescaled (None where no term is left)."""
+    cts = _load_fresh(eng, payloads, "activations")
+    plains = _weight_plains(eng, cache, layout, w, classes)
+    out: list[Optional[bytes]] = []
+    for per_class in plains:
+        acc = sum_of_products(eng.evaluator, zip(cts, per_class))
+        if acc is not None:
+            eng.evaluator.rescale_to_next_inplace(acc)
+        out.append(None if acc is None else eng.save(acc))
+    return out
+
+
+def _backward_part(eng: SealEngine, cache: OrderedDict, layout: PackedLayout, w: np.ndarray, classes: range,
+                   payloads: list[bytes]) -> list[Optional[bytes]]:
+    """Every block's partial G @ W over ``classes``: sum over them of G_k * W_kc, rescaled (None: no term)."""
+    cts = _load_fresh(eng, payloads, "logit_grads")
+    plains = _weight_plains(eng, cache, layout, w, classes)
+    out: list[Optional[bytes]] = []
+    for c in range(layout.n_blocks):
+        acc = sum_of_products(eng.evaluator, zip(cts, [per_class[c] for per_class in plains]))
+        if acc is not None:
+            eng.evaluator.rescale_to_next_inplace(acc)
+        out.append(None if acc is None else eng.save(acc))
+    return out
 
 
 class PackedLinearHE:
@@ -111,6 +182,7 @@ class PackedLinearHE:
         self.value_bound = value_bound
         self._cache: "OrderedDict[tuple, _Encoded]" = OrderedDict()
         self._bias_cache: "OrderedDict[tuple, list[sa.Plaintext]]" = OrderedDict()
+        self._spare: dict[int, list[sa.Plaintext]] = {}  # per engine: plaintexts of an evicted weight version
         self._lock = threading.Lock()
 
     @property
@@ -203,28 +275,31 @@ class PackedLinearHE:
         return limit  # what the reply declares: a constant, so it reveals nothing about the weights
 
     # ----------------------------------------------------------- hospital side
-    def encrypt_activations(self, ctx: ts.Context, x: torch.Tensor) -> EncryptedBatch:
+    def encrypt_activations(self, ctx: ts.Context, x: torch.Tensor,
+                            workers: Optional[CKKSWorkers] = None) -> EncryptedBatch:
         """Encrypt a batch of encoder outputs ``x`` (B <= batch_size, in_features) under the secret key."""
         eng = self._engine(ctx)
         bound = self.input_bound(ctx)
         arr = _checked_matrix(x, "activations x", self.layout.in_features, self.layout.batch_size, bound)
-        payloads = [eng.encrypt(z) for z in self.layout.pack_activations(arr)]
+        payloads = _encrypt_all(eng, ctx, self.layout.pack_activations(arr), workers)
         return EncryptedBatch(
             "activations", arr.shape[0], arr.shape[1], self.layout, payloads, bound, eng.fingerprint, ctx
         )
 
-    def encrypt_logit_grads(self, ctx: ts.Context, g: torch.Tensor) -> EncryptedBatch:
+    def encrypt_logit_grads(self, ctx: ts.Context, g: torch.Tensor,
+                            workers: Optional[CKKSWorkers] = None) -> EncryptedBatch:
         """Encrypt dL/dlogits ``g`` (B, num_classes): one ciphertext per class, tiled over feature positions."""
         eng = self._engine(ctx)
         bound = self.input_bound(ctx)
         arr = _checked_matrix(g, "logit gradients g", self.layout.num_classes, self.layout.batch_size, bound)
-        payloads = [eng.encrypt(z) for z in self.layout.pack_logit_grads(arr)]
+        payloads = _encrypt_all(eng, ctx, self.layout.pack_logit_grads(arr), workers)
         return EncryptedBatch(
             "logit_grads", arr.shape[0], arr.shape[1], self.layout, payloads, bound, eng.fingerprint, ctx
         )
 
     def decrypt_logits(
-        self, ctx: ts.Context, enc: EncryptedBatch, *, dtype: Optional[torch.dtype] = None
+        self, ctx: ts.Context, enc: EncryptedBatch, *, dtype: Optional[torch.dtype] = None,
+        workers: Optional[CKKSWorkers] = None,
     ) -> torch.Tensor:
         """(B, num_classes) logits: decrypt and add up each row's partial sums (bias already added by the server).
 
@@ -232,21 +307,26 @@ class PackedLinearHE:
         them with the model); the CKKS result itself is float64 (error ~1e-7).
         """
         eng = self._incoming(enc, ctx, "logits")
-        slots = self._decrypt(eng, enc)
+        slots = self._decrypt(eng, enc, workers)
         out = torch.from_numpy(self.layout.unpack_logits(slots, enc.batch))
         return out.to(dtype or torch.get_default_dtype())
 
     def decrypt_activation_grads(
-        self, ctx: ts.Context, enc: EncryptedBatch, *, dtype: Optional[torch.dtype] = None
+        self, ctx: ts.Context, enc: EncryptedBatch, *, dtype: Optional[torch.dtype] = None,
+        workers: Optional[CKKSWorkers] = None,
     ) -> torch.Tensor:
         """(B, in_features) gradient of the loss w.r.t. the activations (G @ W), in ``dtype`` as above."""
         eng = self._incoming(enc, ctx, "activation_grads")
-        slots = self._decrypt(eng, enc)
+        slots = self._decrypt(eng, enc, workers)
         out = torch.from_numpy(self.layout.unpack_activation_grads(slots, enc.batch))
         return out.to(dtype or torch.get_default_dtype())
 
-    def _decrypt(self, eng: SealEngine, enc: EncryptedBatch) -> np.ndarray:
-        out = np.stack([eng.decrypt(ct) for ct in self._load(eng, enc, fresh=False)])
+    def _decrypt(self, eng: SealEngine, enc: EncryptedBatch, workers: Optional[CKKSWorkers]) -> np.ndarray:
+        if workers is None:
+            out = np.stack([eng.decrypt(ct) for ct in self._load(eng, enc, fresh=False)])
+        else:
+            workers.check(enc.context)
+            out = workers.decrypt(enc.payloads, f"ciphertext of the {enc.kind} batch", check_result)
         limit = max_abs_value(eng.params)
         peak = float(max(np.abs(out.real).max(), np.abs(out.imag).max()))
         if not peak <= limit:
@@ -267,38 +347,64 @@ class PackedLinearHE:
         with self._lock:
             self._cache.clear()
             self._bias_cache.clear()
+            self._spare.clear()
 
-    def forward(self, enc_x: EncryptedBatch, weight: torch.Tensor, bias: torch.Tensor) -> EncryptedBatch:
-        """Encrypted logits x @ W.T + b: one ciphertext per class (partial sums per row, bias in slot 0)."""
+    def forward(self, enc_x: EncryptedBatch, weight: torch.Tensor, bias: torch.Tensor,
+                workers: Optional[CKKSWorkers] = None) -> EncryptedBatch:
+        """Encrypted logits x @ W.T + b: one ciphertext per class (partial sums per row, bias in slot 0).
+
+        With ``workers`` each worker computes the logits of a run of classes, whose weight plaintexts it
+        encodes and keeps; this process adds the bias.
+        """
         ctx = enc_x.context if isinstance(enc_x, EncryptedBatch) else None
         eng = self._incoming(enc_x, ctx, "activations")
         w = _checked_weight(weight, self.layout)
         b = _checked_vector(bias, "bias", self.layout.num_classes)
         gain, _ = self.layout.gains(w)
         bound = self._check_range(eng, enc_x, gain, float(np.abs(b).max()), "The encrypted forward")
-        cts = self._load(eng, enc_x, fresh=True)
-        plain = self._encoded(eng, w)
         bias_pts = self._bias(eng, b)
-        outs = [
-            eng.save(self._combine(eng, cts, plain[k], bias_pts[k])) for k in range(self.layout.num_classes)
-        ]
+        if workers is None:
+            cts = self._load(eng, enc_x, fresh=True)
+            plain = self._encoded(eng, w)
+            outs = [
+                eng.save(self._combine(eng, cts, plain[k], bias_pts[k])) for k in range(self.layout.num_classes)
+            ]
+        else:
+            workers.check(ctx)  # type: ignore[arg-type]
+            xs = [bytes(p) for p in enc_x.payloads]
+            parts = workers.map(_forward_part, [(self.layout, w, r, xs) for r in workers.chunks(self.layout.num_classes)])
+            logits = [ct for part in parts for ct in part]
+            outs = [eng.save(self._add_parts(eng, [logits[k]], bias_pts[k])) if bias_pts[k] is not None or logits[k] is None
+                    else logits[k] for k in range(self.layout.num_classes)]
         return EncryptedBatch(
             "logits", enc_x.batch, self.layout.num_classes, self.layout, outs, bound, eng.fingerprint, ctx
         )
 
-    def backward_input(self, enc_g: EncryptedBatch, weight: torch.Tensor) -> EncryptedBatch:
-        """Encrypted G @ W (B, in_features) from encrypted G: one ciphertext per feature block."""
+    def backward_input(self, enc_g: EncryptedBatch, weight: torch.Tensor,
+                       workers: Optional[CKKSWorkers] = None) -> EncryptedBatch:
+        """Encrypted G @ W (B, in_features) from encrypted G: one ciphertext per feature block.
+
+        With ``workers`` each worker sums over the classes it holds plaintexts for (the forward's split) and
+        this process adds the workers' parts.
+        """
         ctx = enc_g.context if isinstance(enc_g, EncryptedBatch) else None
         eng = self._incoming(enc_g, ctx, "logit_grads")
         w = _checked_weight(weight, self.layout)
         _, gain = self.layout.gains(w)
         bound = self._check_range(eng, enc_g, gain, 0.0, "The encrypted backward")
-        cts = self._load(eng, enc_g, fresh=True)
-        plain = self._encoded(eng, w)
-        outs = [
-            eng.save(self._combine(eng, cts, [plain[k][c] for k in range(self.layout.num_classes)], None))
-            for c in range(self.layout.n_blocks)
-        ]
+        if workers is None:
+            cts = self._load(eng, enc_g, fresh=True)
+            plain = self._encoded(eng, w)
+            outs = [
+                eng.save(self._combine(eng, cts, [plain[k][c] for k in range(self.layout.num_classes)], None))
+                for c in range(self.layout.n_blocks)
+            ]
+        else:
+            workers.check(ctx)  # type: ignore[arg-type]
+            chunks = workers.chunks(self.layout.num_classes)
+            parts = workers.map(_backward_part, [(self.layout, w, r, [bytes(p) for p in enc_g.payloads[r.start:r.stop]])
+                                                 for r in chunks])
+            outs = [eng.save(self._add_parts(eng, [part[c] for part in parts], None)) for c in range(self.layout.n_blocks)]
         return EncryptedBatch(
             "activation_grads", enc_g.batch, self.layout.in_features, self.layout, outs, bound, eng.fingerprint, ctx
         )
@@ -327,6 +433,24 @@ class PackedLinearHE:
             ev.add_plain_inplace(acc, bias)
         return acc
 
+    @staticmethod
+    def _add_parts(eng: SealEngine, parts: list[Optional[bytes]], bias: Optional[sa.Plaintext]) -> sa.Ciphertext:
+        """The workers' rescaled partial sums of one output added, + bias (a fresh enc(0) if no part had a term)."""
+        acc: Optional[sa.Ciphertext] = None
+        for i, data in enumerate(parts):
+            if data is None:
+                continue
+            ct = eng.load_ciphertext(data, f"a worker's partial sum #{i}")
+            if acc is None:
+                acc = ct
+            else:
+                eng.evaluator.add_inplace(acc, ct)
+        if acc is None:
+            acc = eng.encrypt_zero(eng.next_parms_id, eng.scale)
+        if bias is not None:
+            eng.evaluator.add_plain_inplace(acc, bias)
+        return acc
+
     def _encoded(self, eng: SealEngine, w: np.ndarray) -> _Encoded:
         """Weight plaintexts for this version, from the cache or encoded now (scale = the prime the rescale drops)."""
         key = (id(eng), eng.fingerprint, hashlib.sha256(w.tobytes()).digest())
@@ -338,14 +462,19 @@ class PackedLinearHE:
         scale = float(eng.data_primes[-1])  # after the rescale the result is back at exactly 2^scale_bits
         blocks = self.layout.weight_blocks(w)
         nonzero = np.any(blocks != 0, axis=2)
+        with self._lock:  # an evicted version's plaintexts, to encode into (their memory is already allocated)
+            spare = self._spare.pop(id(eng), []) if self._spare else []
         enc: _Encoded = [
-            [eng.encode(row, eng.first_parms_id, scale) if nz else None for row, nz in zip(blocks[k], nonzero[k])]
+            [eng.encode(row, eng.first_parms_id, scale, spare.pop() if spare else None) if nz else None
+             for row, nz in zip(blocks[k], nonzero[k])]
             for k in range(blocks.shape[0])
         ]
         with self._lock:
             self._cache[key] = enc
             while len(self._cache) > _CACHE_VERSIONS:
-                self._cache.popitem(last=False)
+                (eng_id, *_), old = self._cache.popitem(last=False)
+                if eng_id == id(eng):
+                    self._spare[eng_id] = [pt for per_class in old for pt in per_class if pt is not None]
         return enc
 
     def _bias(self, eng: SealEngine, b: np.ndarray) -> list[Optional[sa.Plaintext]]:
@@ -362,6 +491,13 @@ class PackedLinearHE:
             while len(self._bias_cache) > _CACHE_VERSIONS:
                 self._bias_cache.popitem(last=False)
         return pts
+
+
+def _encrypt_all(eng: SealEngine, ctx: ts.Context, rows: np.ndarray, workers: Optional[CKKSWorkers]) -> list[bytes]:
+    if workers is None:
+        return [eng.encrypt(z) for z in rows]
+    workers.check(ctx)
+    return workers.encrypt(rows)
 
 
 # ---------------------------------------------------------------------------- input checks

@@ -24,6 +24,7 @@ __all__ = [
     "PRESETS",
     "MAX_COEFF_MODULUS_BITS_128",
     "MIN_INTEGER_BITS",
+    "check_product_depth",
     "MIN_SCALE_BITS",
     "get_preset",
     "check_security",
@@ -116,9 +117,10 @@ PRESETS: dict[str, CKKSParams] = {
     "default": CKKSParams(8192, (60, 40, 60), 40, "default"),
     # MLP heads (linear -> square/poly2 -> linear): four rescale levels.
     "deep": CKKSParams(16384, (60, 40, 40, 40, 40, 60), 40, "deep"),
-    # split-he-full (splitfl.he.encrypted_head): encrypted weights one level down, multiplied once more:
-    # two rescales, 4096 real slots (a batch of 64 x 64 features per ciphertext), 200 of 218 bits.
-    "full": CKKSParams(16384, (60, 50, 50, 60), 50, "full"),
+    # split-he-full (splitfl.he.encrypted_head): one ciphertext x ciphertext product per output, rescaled once.
+    # Fresh values at scale 2^50; the product (2^100, 120 bits) keeps 19 integer bits and its rescale by the
+    # 60-bit prime lands at ~2^40 with 19 integer bits too; |error| ~1e-10. Same cost as default (two data primes).
+    "full": CKKSParams(8192, (60, 60, 60), 50, "full"),
     # Smallest secure ring that holds one rescale: fast tests, |error| ~1e-4, 11 integer bits.
     "small": CKKSParams(4096, (40, 29, 40), 29, "small"),
     # Encrypted FedAvg (splitfl.he.aggregation): additions only (depth 0). Updates are encrypted at the
@@ -194,6 +196,29 @@ def check_depth(params: CKKSParams, multiplicative_depth: int) -> None:
             f"above the scale (values up to about ±2^{integer_bits - 1}); at least {MIN_INTEGER_BITS} are needed. "
             f"Raise the first prime to {params.scale_bits + MIN_INTEGER_BITS}+ bits or lower scale_bits."
         )
+
+
+def check_product_depth(params: CKKSParams) -> None:
+    """Raise HEError unless one ciphertext x ciphertext product, rescaled once, fits (split-he-full's head).
+
+    Two fresh values at scale 2^s multiply to 2^(2s), which must stay ``MIN_INTEGER_BITS`` below the top
+    modulus; the rescale divides by the last data prime q, so the result sits at 2^(2s) / q and the first
+    prime must keep ``MIN_INTEGER_BITS`` above that. (Unlike :func:`check_depth`, the rescaling prime need not
+    equal the scale: nothing is multiplied after it.)
+    """
+    bits = params.coeff_mod_bit_sizes
+    if params.levels < 1:
+        raise HEError(f"{params.describe()} has no rescaling level; a ciphertext x ciphertext product needs one "
+                      "(use the 'full' preset).")
+    product, top = 2 * params.scale_bits, sum(bits[:-1])
+    result = product - bits[-2]
+    for what, room in (("the product before its rescale", top - product), ("the rescaled result", bits[0] - result)):
+        if room < MIN_INTEGER_BITS:
+            raise HEError(f"{params.describe()}: {what} keeps {room} integer bit(s) (at least {MIN_INTEGER_BITS} "
+                          "needed); lower scale_bits or raise the primes (the 'full' preset: 60/60/60, scale 2^50).")
+    if result < MIN_SCALE_BITS:
+        raise HEError(f"{params.describe()}: the rescaled product sits at scale 2^{result}, below 2^{MIN_SCALE_BITS}; "
+                      "raise scale_bits or lower the rescaling prime.")
 
 
 def check_key_switching(params: CKKSParams) -> None:

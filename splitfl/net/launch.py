@@ -96,7 +96,7 @@ def consortium_key_spec(cfg: RunConfig) -> Optional[tuple[str, Optional[str], st
 
     Each regime's key is the one its runner builds: fedavg/fedprox + fed.secure he aggregate under
     ``fed.he_preset``; split-he encrypts under ``split.he_preset``; split-he-full under
-    :func:`splitfl.split.runner.full_preset` (two rescales); split-plain with a trainable encoder shares only
+    :func:`splitfl.split.runner.full_preset` (one rescale); split-plain with a trainable encoder shares only
     the relay sealing key (no HE). Galois / relinearisation keys are not in the file: the hospitals derive the
     exact ones the head needs from it at run time.
     """
@@ -116,8 +116,8 @@ def _check_preset(cfg: RunConfig, preset: str, what: str) -> Any:
 
     try:
         params = get_preset(preset)
-        if cfg.regime == "split-he-full" and params.levels < 2:
-            raise HEError(f"{params.describe()} has {params.levels} rescaling level(s); split-he-full needs two "
+        if cfg.regime == "split-he-full" and params.levels < 1:
+            raise HEError(f"{params.describe()} has no rescaling level; split-he-full rescales each product once "
                           "(use split.he_preset: full)")
         if cfg.regime == "split-he" and cfg.model.cut == "mlp" and cfg.split.mlp_inference == "noninteractive":
             check_depth(params, MLP_DEPTH)  # the whole MLP head on ciphertexts

@@ -2,8 +2,8 @@
 
 Every call takes and returns bytes, as :class:`splitfl.split.server.SplitServer` does, so the
 transcript records exactly the server's view. The server holds only the consortium's public
-context (relinearisation and batch-sum Galois keys) and ``enc(W)``; it never receives a plaintext
-activation, label, gradient, learning rate or weight. A message that fails its checks raises
+context (public and relinearisation keys) and ``enc(W)``; it never receives a plaintext activation, label,
+gradient, learning rate, update or weight. A message that fails its checks raises
 before anything changes.
 """
 from __future__ import annotations
@@ -47,15 +47,15 @@ def unpack_ciphertexts(data: bytes, count: int, what: str) -> list[bytes]:
 
 
 def pack_weight_rows(rows: list[list[bytes]]) -> bytes:
-    """``enc(W)`` as one message: the ``[class][block]`` ciphertexts, class by class."""
+    """``enc(W)`` as one message: the ``[pair][block]`` ciphertexts, pair of classes by pair."""
     return pack_ciphertexts([ct for row in rows for ct in row])
 
 
 def unpack_weight_rows(data: bytes, layout: Any) -> list[list[bytes]]:
-    """The ``[class][block]`` ciphertexts of :func:`pack_weight_rows` for a ``FullHeadLayout``."""
+    """The ``[pair][block]`` ciphertexts of :func:`pack_weight_rows` for a ``FullHeadLayout``."""
     nb = layout.n_blocks
-    flat = unpack_ciphertexts(data, layout.num_classes * nb, "encrypted weights")
-    return [flat[k * nb:(k + 1) * nb] for k in range(layout.num_classes)]
+    flat = unpack_ciphertexts(data, layout.pairs * nb, "encrypted weights")
+    return [flat[p * nb:(p + 1) * nb] for p in range(layout.pairs)]
 
 
 class FullSplitServer:
@@ -76,7 +76,7 @@ class FullSplitServer:
             self.recorder.record(kind, payload)
 
     def forward(self, payload: bytes, train: bool = True) -> bytes:
-        """``enc(x)`` in, ``enc(partial logits)`` out (one ciphertext per class)."""
+        """``enc(x)`` in, ``enc(partial logits)`` out (one ciphertext per pair of classes)."""
         self._record("activations_in", payload, train)
         cts = unpack_ciphertexts(payload, self.layout.n_blocks, "activations")
         reply = pack_ciphertexts(self.head.forward(cts, train=train))
@@ -84,9 +84,9 @@ class FullSplitServer:
         return reply
 
     def backward(self, payload: bytes, input_grad: bool) -> Optional[bytes]:
-        """``enc(lr G)`` in: the encrypted weights take their SGD step; ``enc(dL/dx)`` out when asked."""
+        """``[enc(lr G)] + enc(lr dL/dW)`` in: the encrypted weights take their SGD step; ``enc(lr dL/dx)`` out if asked."""
         self._record("logit_grads_in", payload, True)
-        cts = unpack_ciphertexts(payload, self.layout.num_classes, "logit gradients")
+        cts = unpack_ciphertexts(payload, self.layout.backward_count(input_grad), "backward message")
         grads = self.head.backward(cts, input_grad)
         reply = None if grads is None else pack_ciphertexts(grads)
         if reply is not None:

@@ -28,6 +28,7 @@ from splitfl.data import DataSplits, partition_dataset
 from splitfl.data.base import ArrayDataset
 from splitfl.engine import RunError, epoch_loader, fit, make_optimizer, make_scheduler
 from splitfl.he.encrypted_head import FullHeadHospital, FullHeadLayout, full_public_context_bytes
+from splitfl.he.parallel import CKKSWorkers, resolve_workers
 from splitfl.he.keys import consortium_secret_context, params_of, public_context_bytes
 from splitfl.he.mlp import MLP_DEPTH, PackedMLPHE, mlp_public_context_bytes
 from splitfl.he.params import HEError, check_depth, get_preset
@@ -75,7 +76,7 @@ def full_layout(cfg: RunConfig, in_features: int, num_classes: int) -> Any:
 
     Called by the in-process runner, the gRPC server (before it serves) and each gRPC hospital, so a
     configuration is refused the same way wherever it is run: Adam / momentum / weight decay (the server
-    applies no plaintext scalar), DP, a batch size that is not a power of two, a preset with one rescale.
+    applies no plaintext scalar), DP, a batch larger than a ciphertext's slots, a preset without a rescale.
     """
 
     tcfg = cfg.train
@@ -90,9 +91,9 @@ def full_layout(cfg: RunConfig, in_features: int, num_classes: int) -> Any:
         params = get_preset(full_preset(cfg))
     except HEError as exc:
         raise RunError(f"split.he_preset: {exc}") from None
-    if params.levels < 2:
-        raise RunError(f"split.he_preset={params.name!r} has {params.levels} rescaling level(s); split-he-full needs two "
-                       "(use split.he_preset: full)")
+    if params.levels < 1:
+        raise RunError(f"split.he_preset={params.name!r} has no rescaling level; split-he-full rescales each product "
+                       "once (use split.he_preset: full)")
     try:
         return FullHeadLayout(in_features, num_classes, tcfg.batch_size, params.slots)
     except HEError as exc:
@@ -170,6 +171,9 @@ class SplitRunner:
                 write_bytes(recorder.folder / "server_public_context.bin", public, 0o644)
             self.server = make_server(head, head_opt, head_sched, "he", public, cfg.train.batch_size, recorder)
             self.transport: PlainTransport | HETransport = HETransport(self.server, secret, cfg.train.batch_size)
+            self.transport.workers = self._workers(secret)
+            if isinstance(self.server, SplitServer) and self.server.context is not None:  # in process: its own pool
+                self.server.workers = self._workers(self.server.context)
         else:
             # A linear head implies its shapes (and a remote stub takes no more); any other head is told them.
             shapes = {} if self.head_layers else {"feature_shape": feature_shape, "num_classes": splits.task.num_outputs}
@@ -221,7 +225,12 @@ class SplitRunner:
         else:
             server = server_factory(self.split_model.head, self.head_opt, self.head_sched, "he-full", public,
                                     tcfg.batch_size, recorder, initial_weights=initial)
-        return server, FullHETransport(server, secret)
+        return server, FullHETransport(server, secret, self._workers(secret))
+
+    def _workers(self, ctx: Any) -> CKKSWorkers | None:
+        """This party's CKKS processes (split.he_workers; 1: none), closed with the run's process."""
+        n = resolve_workers(self.cfg.split.he_workers)
+        return CKKSWorkers(ctx, n) if n > 1 else None
 
     def _noninteractive_public_context(self, secret: Any, head: nn.Module) -> bytes:
         """Public context with relinearisation and exactly the Galois keys the polynomial MLP head needs."""
@@ -543,7 +552,7 @@ def privacy_summary(cfg: RunConfig, epsilon_per_site: list[float]) -> dict[str, 
 
 
 def full_preset(cfg: RunConfig) -> str:
-    """split-he-full's CKKS preset: ``full`` unless split.he_preset names another (checked for two rescales)."""
+    """split-he-full's CKKS preset: ``full`` unless split.he_preset names another (checked for one rescale)."""
     return "full" if cfg.split.he_preset == "default" else cfg.split.he_preset
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from splitfl.he.keys import load_public_context, params_of
 from splitfl.he.linear import PackedLinearHE
+from splitfl.he.parallel import CKKSWorkers
 from splitfl.he.mlp import PackedMLPHE
 from splitfl.he.wire import EncryptedBatch
 from splitfl.tensors import ProtocolError, tensor_from_bytes, tensor_to_bytes
@@ -72,6 +73,7 @@ class SplitServer:
         self._saved: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self.he_layers: list[Any] = []
         self.context = None
+        self.workers: Optional[CKKSWorkers] = None  # the server's CKKS processes (split.he_workers), if any
         if mode == "he":
             if public_context is None:
                 raise ProtocolError("split-he server needs the consortium's public context")
@@ -122,7 +124,7 @@ class SplitServer:
         else:
             lin = self._layer(layer)
             enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="activations", expect_dim=lin.in_features)
-            reply = self.he_layers[layer].forward(enc, *self._weights(layer)).to_bytes()
+            reply = self.he_layers[layer].forward(enc, *self._weights(layer), self.workers).to_bytes()
         self._record("logits_out", reply, train, layer)
         return reply
 
@@ -150,7 +152,7 @@ class SplitServer:
         else:
             lin = self._layer(layer)
             enc = EncryptedBatch.from_bytes(self.context, payload, expect_kind="logit_grads", expect_dim=lin.out_features)
-            reply = self.he_layers[layer].backward_input(enc, self._weights(layer)[0]).to_bytes()
+            reply = self.he_layers[layer].backward_input(enc, self._weights(layer)[0], self.workers).to_bytes()
         self._record("activation_grads_out", reply, True, layer)
         if self.mode == "plain" and self.recorder is not None:
             self.recorder.next_step()  # in split-he the step ends with the head update

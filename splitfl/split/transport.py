@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from splitfl.he.encrypted_head import FullHeadHospital
+from splitfl.he.parallel import CKKSWorkers
 from splitfl.he.linear import PackedLinearHE
 from splitfl.he.mlp import PackedMLPHE
 from splitfl.he.wire import EncryptedBatch
@@ -68,6 +69,7 @@ class HETransport(_Counting):
             raise ProtocolError("split-he transport needs a server in 'he' mode")
         self.ctx = secret_context
         self.capacity = batch_capacity
+        self.workers: CKKSWorkers | None = None  # the hospital's CKKS processes (split.he_workers), if any
         # The hospital's own packing objects, built from public facts (shapes, slots), not taken from the server.
         self.layers = [PackedLinearHE(l.in_features, l.out_features, batch_capacity, server.he.slots) for l in server.layers]
 
@@ -79,12 +81,12 @@ class HETransport(_Counting):
 
         he, outs = self.layers[layer], []
         for chunk in self._chunks(inputs):
-            msg = he.encrypt_activations(self.ctx, chunk).to_bytes()
+            msg = he.encrypt_activations(self.ctx, chunk, self.workers).to_bytes()
             self._send(msg)
             reply = self.server.forward(msg, train=train, layer=layer)
             self._receive(reply)
             enc = EncryptedBatch.from_bytes(self.ctx, reply, expect_kind="logits", expect_batch=len(chunk))
-            outs.append(he.decrypt_logits(self.ctx, enc))
+            outs.append(he.decrypt_logits(self.ctx, enc, workers=self.workers))
         return torch.cat(outs).to(inputs.device, torch.float32)
 
     def input_grad(self, grad_out: torch.Tensor, layer: int) -> torch.Tensor:
@@ -92,12 +94,12 @@ class HETransport(_Counting):
 
         he, outs = self.layers[layer], []
         for chunk in self._chunks(grad_out):
-            msg = he.encrypt_logit_grads(self.ctx, chunk).to_bytes()
+            msg = he.encrypt_logit_grads(self.ctx, chunk, self.workers).to_bytes()
             self._send(msg)
             reply = self.server.backward(msg, layer=layer)
             self._receive(reply)
             enc = EncryptedBatch.from_bytes(self.ctx, reply, expect_kind="activation_grads", expect_batch=len(chunk))
-            outs.append(he.decrypt_activation_grads(self.ctx, enc))
+            outs.append(he.decrypt_activation_grads(self.ctx, enc, workers=self.workers))
         return torch.cat(outs).to(grad_out.device, torch.float32)
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -129,35 +131,42 @@ class FullHETransport(_Counting):
     the encrypted logit gradient; refreshes and the release of the head go through the key holders here.
     """
 
-    def __init__(self, server: Any, secret_context: Any) -> None:
+    def __init__(self, server: Any, secret_context: Any, workers: CKKSWorkers | None = None) -> None:
         super().__init__(server)
-        self.hospital = FullHeadHospital(secret_context, server.layout)
+        self.hospital = FullHeadHospital(secret_context, server.layout, workers)
         self.capacity = server.layout.batch_size
+        self._x: torch.Tensor | None = None  # the last training batch's activations, for its update
 
     def forward(self, feats: torch.Tensor, train: bool = True) -> torch.Tensor:
         if train and len(feats) > self.capacity:
             raise ProtocolError(f"a training batch of {len(feats)} exceeds the encrypted head's capacity {self.capacity}")
         out = []
+        if train:  # the hospital forms this batch's update itself (FullHeadHospital.encrypt_update)
+            self._x = feats.detach().cpu().double()
         for chunk in feats.detach().cpu().double().split(self.capacity):
             msg = pack_ciphertexts(self.hospital.encrypt_activations(chunk))
             self._send(msg)
             reply = self.server.forward(msg, train=train)
             self._receive(reply)
-            cts = unpack_ciphertexts(reply, self.server.layout.num_classes, "logits")
+            cts = unpack_ciphertexts(reply, self.server.layout.pairs, "logits")
             out.append(self.hospital.decrypt_logits(cts, len(chunk)))
         return torch.cat(out).float()
 
     def backward(self, grad_logits: torch.Tensor, lr: float, input_grad: bool) -> torch.Tensor | None:
-        """Send ``enc(lr G)``; the server updates its encrypted head; dL/dx back when the encoder trains."""
-
-        msg = pack_ciphertexts(self.hospital.encrypt_logit_grads(grad_logits.detach().cpu().double(), lr))
+        """Send ``enc(lr dL/dW)`` (and ``enc(lr G)`` when the encoder trains); dL/dx back in that case."""
+        if self._x is None or len(self._x) != len(grad_logits):
+            raise ProtocolError("backward without the training forward of the same batch")
+        x, self._x = self._x, None
+        g = grad_logits.detach().cpu().double()
+        cts = self.hospital.encrypt_logit_grads(g) if input_grad else []
+        msg = pack_ciphertexts(cts + self.hospital.encrypt_update(g, x, lr))
         self._send(msg)
         reply = self.server.backward(msg, input_grad=input_grad)  # by name: a gRPC stub's 2nd argument is the layer
         if reply is None:
             return None
         self._receive(reply)
         cts = unpack_ciphertexts(reply, self.server.layout.n_blocks, "activation gradients")
-        return self.hospital.decrypt_activation_grads(cts, len(grad_logits), lr).float()
+        return self.hospital.decrypt_activation_grads(cts, len(grad_logits)).float()
 
     def refresh_if_needed(self) -> bool:
         """Decrypt and re-encrypt the worn head when the server asks for it (counted by the server)."""

@@ -65,45 +65,24 @@ Failures
 Modules
 -------
 The package is split by role, imports going one way.
-:mod:`~splitfl.net.fed.common` holds what both sides share (the protocol's
-constants, site names, the run id and configuration fingerprint, the
-consortium context's fingerprint, errors). The server's side is
-:mod:`~splitfl.net.fed.servicer` (:class:`FederationServer`, its round state
-machine, and :func:`make_server`) and :mod:`~splitfl.net.fed.server`
-(:class:`RemoteFedRunner`, the round loop), each importing only those before
-it. The hospital, :mod:`~splitfl.net.fed.hospital` (:class:`FedSiteClient`),
-imports only :mod:`~splitfl.net.fed.common`: it never sees the server's code,
-and the server's modules never import it. The public names are re-exported
-here.
+:mod:`~splitfl.net.fed.client` is a site's side of the wire without torch
+(:class:`~splitfl.net.fed.client.FedClient`: Join, GetRound, DownloadModel,
+SubmitUpdate; :class:`RemoteError`); the clinic load benchmark runs a hundred
+of them. :mod:`~splitfl.net.fed.common` holds what both sides share (the
+client's wire names re-exported, site names, the run id and configuration
+fingerprint, the consortium context's fingerprint, the server's errors). The
+server's side is :mod:`~splitfl.net.fed.servicer` (:class:`FederationServer`,
+its round state machine, and :func:`make_server`) and
+:mod:`~splitfl.net.fed.server` (:class:`RemoteFedRunner`, the round loop),
+each importing only those before it. The hospital,
+:mod:`~splitfl.net.fed.hospital` (:class:`FedSiteClient`, a
+:class:`FedClient` that trains), imports only the client and
+:mod:`~splitfl.net.fed.common`: it never sees the server's code, and the
+server's modules never import it.
+
+This package re-exports nothing: importing it must not load torch, so that
+``splitfl.net.fed.client`` stays light. Import from the modules.
 
 Entry points: ``splitfl serve`` and ``splitfl join``
 (:func:`splitfl.net.launch.serve`, :func:`splitfl.net.launch.join`).
 """
-from __future__ import annotations
-
-from splitfl.net.fed.common import (
-    DEFAULT_MAX_PAYLOAD,
-    RemoteError,
-    default_run_id,
-    error_detail,
-    run_fingerprint,
-    site_index,
-    site_name,
-)
-from splitfl.net.fed.hospital import FedSiteClient
-from splitfl.net.fed.server import RemoteFedRunner
-from splitfl.net.fed.servicer import FederationServer, make_server
-
-__all__ = [
-    "DEFAULT_MAX_PAYLOAD",
-    "FederationServer",
-    "FedSiteClient",
-    "RemoteError",
-    "RemoteFedRunner",
-    "default_run_id",
-    "error_detail",
-    "make_server",
-    "run_fingerprint",
-    "site_index",
-    "site_name",
-]

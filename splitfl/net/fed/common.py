@@ -5,7 +5,9 @@ The server side (:mod:`~splitfl.net.fed.servicer`, :mod:`~splitfl.net.fed.server
 assume about the other is exactly what this module holds: the protocol's constants and payload limit, the
 site names, the run id and configuration fingerprint a run is known by (:func:`run_fingerprint`,
 :func:`default_run_id`), the fingerprint of the consortium's CKKS context, and the error detail carried in
-the trailing metadata (raised as ``_Abort`` by the server, read back as :class:`RemoteError` by a site).
+the trailing metadata (raised as ``_Abort`` by the server, read back as :class:`RemoteError` by a site). The
+wire's own names (the version, the Join nonce's size, :class:`RemoteError`) live in the torch-free
+:mod:`~splitfl.net.fed.client` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -19,11 +21,10 @@ from splitfl.config import RunConfig
 from splitfl.engine import resume_key
 from splitfl.he.keys import context_fingerprint
 from splitfl.net import ERROR_METADATA_KEY, ChunkError
+from splitfl.net.fed.client import JOIN_NONCE_BYTES, SERVER_VERSION, RemoteError  # noqa: F401  (the wire's, re-exported)
 from splitfl.net.proto import splitfl_pb2 as pb
 
-SERVER_VERSION = "splitfl-fed/1"
 DEFAULT_MAX_PAYLOAD = 4 << 30  # 4 GiB: ResNet-18 encrypted aggregates are ~180 MB
-JOIN_NONCE_BYTES = 16
 
 
 def site_name(index: int) -> str:
@@ -55,27 +56,6 @@ def _context_fp(ctx: Any) -> bytes:
 
 
 # ============================================================================ errors
-
-
-class RemoteError(RuntimeError):
-    """A call was refused; ``code`` is the gRPC status, ``detail`` the server's ErrorDetail (or None)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, detail: Optional[pb.ErrorDetail] = None) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code, self.message, self.detail = code, message, detail
-
-    @property
-    def error_code(self) -> int:
-        return self.detail.code if self.detail is not None else pb.ERROR_CODE_UNSPECIFIED
-
-    @classmethod
-    def from_rpc(cls, err: grpc.RpcError) -> "RemoteError":
-        detail = None
-        for item in err.trailing_metadata() or ():
-            k, v = (item.key, item.value) if hasattr(item, "key") else item
-            if k == ERROR_METADATA_KEY:
-                detail = pb.ErrorDetail.FromString(v)
-        return cls(err.code(), err.details() or "", detail)
 
 
 def error_detail(err: grpc.RpcError) -> Optional[pb.ErrorDetail]:

@@ -11,7 +11,6 @@ consortium's secret key, and imports nothing of the server's side: all it knows 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -34,25 +33,21 @@ from splitfl.fed.site import Site, package_update
 from splitfl.he.aggregation import decrypt_aggregate
 from splitfl.he.keys import load_secret_context
 from splitfl.metrics import make_loss
-from splitfl.net import DEFAULT_CHUNK_SIZE, PROTOCOL_VERSION, assemble, new_transfer_id, split_payload
-from splitfl.net.fed.common import (
-    JOIN_NONCE_BYTES,
-    SERVER_VERSION,
-    RemoteError,
-    _context_fp,
-    default_run_id,
-    run_fingerprint,
-)
+from splitfl.net import DEFAULT_CHUNK_SIZE, assemble, split_payload
+from splitfl.net.fed.client import FedClient, RemoteError
+from splitfl.net.fed.common import _context_fp, default_run_id, run_fingerprint
 from splitfl.net.proto import splitfl_pb2 as pb
-from splitfl.net.proto import splitfl_pb2_grpc as pb_grpc
 
 SITE_STATE = "site_state.pt"
 # Test-only: a site SIGKILLs itself right after sending this secure-aggregation message (see splitfl.net.fed's docstring).
 DIE_AFTER_ENV = "SPLITFL_TEST_SECAGG_DIE_AFTER"
 
 
-class FedSiteClient:
-    """One hospital: joins the federation, trains when sampled, submits its update; retries while the server is away."""
+class FedSiteClient(FedClient):
+    """One hospital: joins the federation, trains when sampled, submits its update; retries while the server is away.
+
+    The RPCs are :class:`~splitfl.net.fed.client.FedClient`'s (the torch-free wire client the load benchmark also runs).
+    """
 
     def __init__(
         self,
@@ -66,12 +61,10 @@ class FedSiteClient:
         connect_timeout: float = 120.0,
         log: Callable[[str], Any] = print,
     ) -> None:
-        self.cfg, self.site, self.log = cfg, site, log
-        self.stub = pb_grpc.FederationServiceStub(channel)
+        super().__init__(channel, site, run_id or default_run_id(cfg), run_fingerprint(cfg))
+        self.cfg, self.log = cfg, log
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.run_id = run_id or default_run_id(cfg)
-        self.fingerprint = run_fingerprint(cfg)
         self.connect_timeout = connect_timeout
         splits = load_splits(cfg.data)
         parts = partition_dataset(splits.train, cfg.data.partition)
@@ -91,8 +84,6 @@ class FedSiteClient:
                 raise FileNotFoundError(f"fed.secure: he: the consortium's secret key file {secret_key_file} is missing")
             self.secret_ctx = load_secret_context(secret_key_file)
             self.context_fp = _context_fp(self.secret_ctx)
-        self.session = b""
-        self.seq = 0
         self.next_round = 0
         self.rounds_trained: list[int] = []
         self._load_state()
@@ -124,29 +115,11 @@ class FedSiteClient:
 
     # ------------------------------------------------------------------ calls
 
-    def header(self, *, opening: bool = False) -> pb.RequestHeader:
-        if opening:
-            return pb.RequestHeader(protocol_version=PROTOCOL_VERSION, run_id=self.run_id, config_fingerprint=self.fingerprint, site_id=self.site)
-        self.seq += 1
-        return pb.RequestHeader(
-            protocol_version=PROTOCOL_VERSION, run_id=self.run_id, config_fingerprint=self.fingerprint,
-            site_id=self.site, session_id=self.session, sequence=self.seq,
-        )
-
     def join(self) -> pb.FedRunInfo:
-        req = pb.JoinRequest(
-            header=self.header(opening=True), client_nonce=os.urandom(JOIN_NONCE_BYTES),
-            sample_count=len(self.trainer), context_fingerprint=self.context_fp, client_version=SERVER_VERSION,
-        )
-        responses = iter(self.stub.Join(req, timeout=30))
-        first = next(responses)
-        for _ in responses:
-            pass
-        self.session, self.seq = first.run.session.session_id, 0
-        self.info = first.run
+        run = self.open_session(len(self.trainer), self.context_fp)
         self.next_round = 0  # a new session (perhaps a restarted server): ask for whatever round is open
         self.log(f"[site {self.site}] joined run {self.run_id} ({len(self.trainer)} samples)")
-        return first.run
+        return run
 
     def _retrying(self, fn: Callable[[], Any], rejoin: bool = True) -> Any:
         """Run ``fn``; while the server is unreachable (or has forgotten our session) rejoin with backoff."""
@@ -171,36 +144,6 @@ class FedSiteClient:
                     except grpc.RpcError:
                         pass
 
-    def download(self, round_index: int, part: int) -> bytes:
-        responses = iter(self.stub.DownloadModel(pb.DownloadModelRequest(header=self.header(), round=round_index, part=part), timeout=600))
-        first = next(responses)
-        if not first.HasField("descriptor"):
-            raise RemoteError(grpc.StatusCode.INTERNAL, "download without a descriptor")
-
-        def chunks() -> Iterator[pb.Chunk]:
-            if first.HasField("chunk"):
-                yield first.chunk
-            for msg in responses:
-                yield msg.chunk
-
-        data = assemble(chunks(), int(first.descriptor.size))
-        if hashlib.sha256(data).digest() != first.descriptor.sha256:
-            raise RemoteError(grpc.StatusCode.DATA_LOSS, "downloaded payload does not match its descriptor")
-        return data
-
-    def submit(self, meta: pb.UpdateMeta, parts: list[tuple[int, bytes]]) -> pb.SubmitUpdateResponse:
-        ids = [new_transfer_id() for _ in parts]
-        for (enc, data), tid in zip(parts, ids):
-            meta.parts.append(pb.UpdatePart(encoding=enc, transfer_id=tid, size=len(data)))
-
-        def messages() -> Iterator[pb.SubmitUpdateRequest]:
-            yield pb.SubmitUpdateRequest(header=self.header(), meta=meta)
-            for (_, data), tid in zip(parts, ids):
-                for chunk in split_payload(data, DEFAULT_CHUNK_SIZE, tid):
-                    yield pb.SubmitUpdateRequest(chunk=chunk)
-
-        return self.stub.SubmitUpdate(messages(), timeout=600)
-
     # ------------------------------------------------------------------ the loop
 
     def run(self, poll_ms: int = 5000) -> list[int]:
@@ -208,8 +151,7 @@ class FedSiteClient:
         self._retrying(self.join, rejoin=False)
         while True:
             info: pb.RoundInfo = self._retrying(
-                lambda: self.stub.GetRound(pb.GetRoundRequest(header=self.header(), min_round=self.next_round, max_wait_ms=poll_ms), timeout=poll_ms / 1000 + 30)
-            )
+                lambda: self.get_round(self.next_round, poll_ms))
             if info.state == pb.ROUND_STATE_FINISHED:
                 self.log(f"[site {self.site}] the run is over; trained rounds {[r + 1 for r in self.rounds_trained]}")
                 return self.rounds_trained

@@ -57,54 +57,25 @@ Architecture
 Modules
 -------
 The package is split by role, imports going one way.
-:mod:`~splitfl.net.split.common` holds what both sides share (the protocol's
-constants, the config fingerprint, errors, relay sealing, the consortium
-keys). The server's side is :mod:`~splitfl.net.split.coordinator` (sessions,
-turns, the epoch barrier, evaluations), :mod:`~splitfl.net.split.servicer`
-(the gRPC service and :func:`serve`) and :mod:`~splitfl.net.split.server`
-(:func:`run_split_server`, the epoch loop), each importing only those before
-it. The hospital, :mod:`~splitfl.net.split.hospital` (the stub and
-:func:`run_split_site`), imports only :mod:`~splitfl.net.split.common`: it
-never sees the server's code, and the server's modules never import it. The
-public names are re-exported here.
+:mod:`~splitfl.net.split.client` is the hospital's side of the wire without
+torch (:class:`~splitfl.net.split.client.SplitClient`: every RPC a hospital
+makes, the wire's constants, :class:`RemoteError`); the clinic load benchmark
+runs hundreds of them. :mod:`~splitfl.net.split.common` holds what both sides
+share (the client's wire names re-exported, the config fingerprint, the
+server's errors, relay sealing, the consortium keys). The server's side is
+:mod:`~splitfl.net.split.coordinator` (sessions, turns, the epoch barrier,
+evaluations), :mod:`~splitfl.net.split.servicer` (the gRPC service and
+:func:`serve`) and :mod:`~splitfl.net.split.server` (:func:`run_split_server`,
+the epoch loop), each importing only those before it. The hospital,
+:mod:`~splitfl.net.split.hospital` (:class:`RemoteSplitServer`, a
+:class:`SplitClient` with the SplitServer interface, and
+:func:`run_split_site`), imports only the client and
+:mod:`~splitfl.net.split.common`: it never sees the server's code, and the
+server's modules never import it.
 
-Entry points: :func:`run_split_server` and :func:`run_split_site`.
+This package re-exports nothing: importing it must not load torch, so that
+``splitfl.net.split.client`` stays light. Import from the modules.
+
+Entry points: :func:`splitfl.net.split.server.run_split_server` and
+:func:`splitfl.net.split.hospital.run_split_site`.
 """
-from __future__ import annotations
-
-from splitfl.net.split.common import (
-    HE_REGIMES,
-    REGIMES,
-    RELAY_KEY_FILE,
-    RelaySealer,
-    RemoteError,
-    config_fingerprint,
-    ensure_consortium_keys,
-    relay_key_material,
-    relay_needed,
-    site_name,
-)
-from splitfl.net.split.coordinator import Coordinator
-from splitfl.net.split.hospital import RemoteSplitServer, run_split_site
-from splitfl.net.split.server import RemoteServerRunner, run_split_server
-from splitfl.net.split.servicer import SplitServicer, serve
-
-__all__ = [
-    "HE_REGIMES",
-    "REGIMES",
-    "RELAY_KEY_FILE",
-    "Coordinator",
-    "RelaySealer",
-    "RemoteError",
-    "RemoteServerRunner",
-    "RemoteSplitServer",
-    "SplitServicer",
-    "config_fingerprint",
-    "ensure_consortium_keys",
-    "relay_key_material",
-    "relay_needed",
-    "run_split_server",
-    "run_split_site",
-    "serve",
-    "site_name",
-]

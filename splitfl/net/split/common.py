@@ -6,7 +6,8 @@ and never from each other, so what one side may assume about the other is exactl
 protocol's constants and payload limits, the config fingerprint a run is known by, the error detail carried in
 the trailing metadata (raised as ``_Abort`` by the server, read back as :class:`RemoteError` by a hospital),
 and the relay's sealing (:class:`RelaySealer`, under a key only the hospitals hold: the server stores blobs it
-cannot open).
+cannot open). The wire's own names (the hospital's payload limit and version, :class:`RemoteError`, site names)
+live in the torch-free :mod:`~splitfl.net.split.client` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import grpc
 from cryptography.exceptions import InvalidTag
@@ -29,25 +30,26 @@ from splitfl.artifacts import write_bytes
 from splitfl.he.keys import consortium_secret_context
 from splitfl.net import ERROR_METADATA_KEY, PROTOCOL_VERSION
 from splitfl.net.proto import splitfl_pb2 as pb
+from splitfl.net.split.client import (  # noqa: F401  (the wire's names, re-exported to both sides)
+    _WIRE,
+    MAX_PAYLOAD_BYTES,
+    SERVER_VERSION,
+    RemoteError,
+    _remote_error,
+    site_name,
+)
 from splitfl.split.runner import full_preset
 from splitfl.tensors import ProtocolError
 
-SERVER_VERSION = "splitfl-split/1"
-MAX_PAYLOAD_BYTES = 256 << 20  # activations, ciphertexts, relay blobs
 MAX_CONTEXT_BYTES = 1 << 30  # public contexts with Galois keys
 RELAY_KEY_FILE = "relay.secret"
 REGIMES = ("split-plain", "split-he", "split-he-full")
 HE_REGIMES = ("split-he", "split-he-full")  # the hospitals hold the consortium's CKKS secret key
-# a regime's mode as the servicer names it, its SplitMode in Hello, its payload encoding on the wire
+# a regime's mode as the servicer names it, its SplitMode in Hello (its payload encoding on the wire: client._WIRE)
 _MODES = {"split-plain": "plain", "split-he": "he", "split-he-full": "full"}
 _PB_MODES = {"plain": pb.SPLIT_MODE_PLAIN, "he": pb.SPLIT_MODE_HE, "full": pb.SPLIT_MODE_HE_FULL}
-_WIRE = {"plain": pb.PAYLOAD_ENCODING_TENSOR, "he": pb.PAYLOAD_ENCODING_CKKS_BATCH, "full": pb.PAYLOAD_ENCODING_CKKS_LIST}
 # one lock for both sides: a process may run the server and hospitals together (the tests do)
 _BUILD_LOCK = threading.Lock()  # seeding + model construction use torch's global RNG: one party at a time per process
-
-
-def site_name(index: int) -> str:
-    return f"site-{index}"
 
 
 def config_fingerprint(cfg: Any) -> bytes:
@@ -87,25 +89,6 @@ def _kw(kw: dict, name: str, alias: str, default: Any) -> Any:
 
 
 # ============================================================================ errors
-
-
-class RemoteError(ProtocolError):
-    """A call the server refused: ``code`` (grpc.StatusCode), ``error_code`` (splitfl.v1.ErrorCode), ``detail``."""
-
-    def __init__(self, code: Any, error_code: int, message: str, detail: Optional[Any] = None) -> None:
-        super().__init__(message)
-        self.code, self.error_code, self.detail = code, error_code, detail
-
-
-def _remote_error(e: grpc.RpcError) -> RemoteError:
-    detail = None
-    for k, v in (e.trailing_metadata() or ()):
-        if k == ERROR_METADATA_KEY:
-            detail = pb.ErrorDetail.FromString(v)
-    code = e.code()
-    ecode = detail.code if detail is not None else pb.ERROR_CODE_UNSPECIFIED
-    name = pb.ErrorCode.Name(ecode) if ecode else "no detail"
-    return RemoteError(code, ecode, f"server refused the call: {code.name} ({name}): {e.details()}", detail)
 
 
 class _Abort(Exception):

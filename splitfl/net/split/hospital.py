@@ -14,13 +14,11 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import threading
 import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import grpc
 import torch
@@ -30,36 +28,30 @@ from splitfl.data import load_splits
 from splitfl.engine import BEST_MODEL, RunError, best_model_payload, make_fabric
 from splitfl.he.encrypted_head import FullHeadLayout
 from splitfl.he.keys import context_fingerprint, load_public_context, params_of
-from splitfl.net import DEFAULT_CHUNK_SIZE, PROTOCOL_VERSION, assemble, open_stream, split_payload
-from splitfl.net.certs import read_token
+from splitfl.net import DEFAULT_CHUNK_SIZE
 from splitfl.net.proto import splitfl_pb2 as pb
-from splitfl.net.proto import splitfl_pb2_grpc as pbg
+from splitfl.net.split.client import RemoteError, SplitClient, site_channel, site_name
 from splitfl.net.split.common import (
     _BUILD_LOCK,
-    _WIRE,
     HE_REGIMES,
-    MAX_PAYLOAD_BYTES,
     REGIMES,
     RELAY_KEY_FILE,
-    SERVER_VERSION,
     RelaySealer,
-    RemoteError,
     _fp_bytes,
     _kw,
-    _remote_error,
     config_fingerprint,
     relay_key_material,
     relay_needed,
-    site_name,
 )
-from splitfl.net.tls import channel_credentials, make_channel, site_paths
 from splitfl.split.runner import SplitRunner, check_split_cut
 from splitfl.tensors import ProtocolError
 
 
-class RemoteSplitServer:
+class RemoteSplitServer(SplitClient):
     """The hospital's view of the remote head: the methods the transports call, over gRPC.
 
+    The RPCs are :class:`~splitfl.net.split.client.SplitClient`'s (the torch-free wire client the load
+    benchmark also runs); this adds what SplitRunner expects of a server (``bind``, ``he``, ``optimizer``, ...).
     split-he-full: also FullSplitServer's (``layout``, ``backward(.., input_grad=)``, ``needs_refresh``,
     ``replace_weights``, ``export_weights``), so :class:`~splitfl.split.transport.FullHETransport` runs on it
     unchanged. ``export_weights`` downloads for a refresh, or for the release named by ``release_id``.
@@ -67,83 +59,13 @@ class RemoteSplitServer:
 
     def __init__(self, channel: grpc.Channel, site: int, run_id: str, fingerprint: bytes, *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, timeout_s: float = 600.0) -> None:
-        self.stub = pbg.SplitServiceStub(channel)
-        self.channel = channel
-        self.site, self.run_id, self.fp = site, run_id, fingerprint
-        self.chunk_size, self.timeout = chunk_size, timeout_s
-        self._seq = 0
-        self._lock = threading.Lock()
-        self.session = b""
-        self.step = 0
-        self._part: dict[tuple[str, int], int] = {}
-        self.layers: list[Any] = []
+        super().__init__(channel, site, run_id, fingerprint, chunk_size=chunk_size, timeout_s=timeout_s)
         self.he: Any = None
         self.he_mlp: Any = None
         self.recorder = None
         self.optimizer: Any = None
-        self.mode = "plain"  # plain | he | he-full, as SplitRunner names them
-        self.hello: Any = None
         self.layout: Any = None  # split-he-full: FullHeadLayout (public: shapes, batch capacity, slots)
         self.release_id = 0  # split-he-full: the release request being served (0: export_weights is a refresh)
-        self._refresh_needed = False  # split-he-full: what the step's Backward said
-
-    # ---------------------------------------------------------------- plumbing
-
-    def _header(self, hello: bool = False) -> Any:
-        with self._lock:
-            if not hello:
-                self._seq += 1
-            return pb.RequestHeader(protocol_version=PROTOCOL_VERSION, run_id=self.run_id, config_fingerprint=self.fp,
-                                    site_id=self.site, session_id=b"" if hello else self.session,
-                                    sequence=0 if hello else self._seq)
-
-    def _requests(self, cls: Any, payload: bytes, **first: Any) -> Iterator[Any]:
-        it = split_payload(payload, self.chunk_size)
-        yield cls(header=self._header(), chunk=next(it), **first)
-        for c in it:
-            yield cls(chunk=c)
-
-    def _call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, timeout=self.timeout, **kwargs)
-        except grpc.RpcError as e:
-            raise _remote_error(e) from None
-
-    def _bidi_first(self, method: Any, cls: Any, payload: bytes, **first: Any) -> tuple[Any, bytes]:
-        """A streamed call: the response's first message (its header and parameters) and its payload."""
-        return self._download(lambda: method(self._requests(cls, payload, **first), timeout=self.timeout))
-
-    def _bidi(self, method: Any, cls: Any, payload: bytes, **first: Any) -> bytes:
-        return self._bidi_first(method, cls, payload, **first)[1]
-
-    @staticmethod
-    def _download(start: Callable[[], Iterator[Any]]) -> tuple[Any, bytes]:
-        try:
-            head, chunks = open_stream(start(), ("header",))
-            return head, assemble(chunks, MAX_PAYLOAD_BYTES)
-        except grpc.RpcError as e:
-            raise _remote_error(e) from None
-
-    def _part_of(self, kind: str, layer: int) -> int:
-        key = (kind, layer)
-        self._part[key] = self._part.get(key, -1) + 1
-        return self._part[key]
-
-    def begin_step(self, step: int) -> None:
-        self.step, self._part = step, {}
-
-    # ---------------------------------------------------------------- session
-
-    def connect(self, feature_dim: int = 0, context_fingerprint: bytes = b"") -> Any:
-        r = self._call(self.stub.Hello, pb.SplitHelloRequest(
-            header=self._header(hello=True), client_nonce=os.urandom(16), context_fingerprint=context_fingerprint,
-            feature_dim=feature_dim, client_version=SERVER_VERSION))
-        with self._lock:
-            self.session, self._seq = bytes(r.session.session_id), 0
-        self.hello = r
-        self.mode = {pb.SPLIT_MODE_HE: "he", pb.SPLIT_MODE_HE_FULL: "he-full"}.get(r.mode, "plain")
-        self.layers = [SimpleNamespace(in_features=l.in_features, out_features=l.out_features) for l in r.layers]
-        return r
 
     def bind(self, head: Any, optimizer: Any, scheduler: Any, mode: str, public_context: Optional[bytes] = None,
              batch_capacity: int = 64, recorder: Any = None, initial_weights: Optional[bytes] = None) -> "RemoteSplitServer":
@@ -195,63 +117,6 @@ class RemoteSplitServer:
                 if e.code != grpc.StatusCode.ALREADY_EXISTS or e.error_code != pb.ERROR_CODE_OUT_OF_ORDER:
                     raise
 
-    def upload_context(self, data: bytes, fingerprint: bytes, galois: bool = False, relin: bool = False) -> Any:
-        meta = pb.ContextMeta(context_fingerprint=fingerprint, galois_keys=galois, relin_keys=relin)
-        return self._call(self.stub.UploadContext, self._requests(pb.UploadContextRequest, data, meta=meta))
-
-    def status(self) -> Any:
-        return self._call(self.stub.Status, pb.StatusRequest(header=pb.RequestHeader(protocol_version=PROTOCOL_VERSION)))
-
-    def get_turn(self, epoch: int, batches_left: int, max_wait_ms: int = 2000) -> Any:
-        return self._call(self.stub.GetTurn, pb.GetTurnRequest(header=self._header(), epoch=epoch,
-                                                               batches_left=batches_left, max_wait_ms=max_wait_ms))
-
-    def end_epoch_remote(self, epoch: int, loss_sum: float, samples: int, epsilon: float = 0.0) -> Any:
-        return self._call(self.stub.EndEpoch, pb.EndEpochRequest(header=self._header(), epoch=epoch, loss_sum=loss_sum,
-                                                                 samples=samples, epsilon=epsilon))
-
-    def upload_relay(self, step: int, version: int, blob: bytes) -> Any:
-        meta = pb.RelayMeta(step=step, version=version)
-        return self._call(self.stub.UploadRelay, self._requests(pb.UploadRelayRequest, blob, meta=meta))
-
-    def download_relay(self) -> tuple[int, bytes]:
-        first, blob = self._download(lambda: self.stub.DownloadRelay(pb.DownloadRelayRequest(header=self._header()),
-                                                                     timeout=self.timeout))
-        return int(first.version), blob
-
-    def upload_weights(self, payload: bytes, purpose: int, step: int = 0) -> Any:
-        """split-he-full: enc(W) up (INITIAL, or REFRESH of the open ``step``)."""
-        meta = pb.WeightsMeta(purpose=purpose, step=step)
-        return self._call(self.stub.UploadWeights, self._requests(pb.UploadWeightsRequest, payload, meta=meta))
-
-    def download_weights(self, purpose: int, step: int = 0, eval_id: int = 0) -> bytes:
-        """split-he-full: enc(W) down (REFRESH of the open ``step``, or RELEASE ``eval_id``)."""
-        req = pb.DownloadWeightsRequest(header=self._header(), purpose=purpose, step=step, eval_id=eval_id)
-        return self._download(lambda: self.stub.DownloadWeights(req, timeout=self.timeout))[1]
-
-    def report_eval(self, eval_id: int, metrics: dict) -> Any:
-        return self._call(self.stub.ReportEval, pb.ReportEvalRequest(header=self._header(), eval_id=eval_id,
-                                                                     metrics_json=json.dumps(metrics)))
-
-    # ---------------------------------------------------------------- the SplitServer interface
-
-    def _wire(self) -> int:
-        return _WIRE[{"he-full": "full"}.get(self.mode, self.mode)]
-
-    def forward(self, payload: bytes, train: bool = True, layer: int = 0) -> bytes:
-        call = pb.ForwardCall(step=self.step if train else 0, part=self._part_of("f", layer) if train else 0,
-                              layer=layer, train=train, encoding=self._wire())
-        return self._bidi(self.stub.Forward, pb.ForwardRequest, payload, call=call)
-
-    def backward(self, payload: bytes, layer: Optional[int] = None, *, input_grad: bool = True) -> Optional[bytes]:
-        """The output gradient up, the input gradient back; split-he-full: None unless ``input_grad``."""
-        layer = len(self.layers) - 1 if layer is None else layer
-        call = pb.BackwardCall(step=self.step, part=self._part_of("b", layer), layer=layer, encoding=self._wire(),
-                               input_grad=input_grad)
-        first, reply = self._bidi_first(self.stub.Backward, pb.BackwardRequest, payload, call=call)
-        self._refresh_needed = bool(first.refresh_needed)
-        return None if self.mode == "he-full" and not input_grad else reply
-
     # ---------------------------------------------------------------- split-he-full: FullSplitServer's refresh and release
 
     def needs_refresh(self) -> bool:
@@ -268,14 +133,6 @@ class RemoteSplitServer:
         """The refresh's fresh encryption up; it closes the step unless the run relays."""
         self.upload_weights(payload, pb.WEIGHTS_PURPOSE_REFRESH, self.step)
         self._refresh_needed = False
-
-    def predict(self, payload: bytes) -> bytes:
-        call = pb.PredictCall(part=0, encoding=pb.PAYLOAD_ENCODING_CKKS_BATCH)
-        return self._bidi(self.stub.Predict, pb.PredictRequest, payload, call=call)
-
-    def apply_update(self, payload: bytes) -> None:
-        call = pb.ApplyUpdateCall(step=self.step, encoding=pb.PAYLOAD_ENCODING_TENSOR)
-        self._call(self.stub.ApplyUpdate, self._requests(pb.ApplyUpdateRequest, payload, call=call))
 
     def end_epoch(self) -> None:
         """In-process API compatibility: the remote epoch ends with :meth:`end_epoch_remote` (a barrier)."""
@@ -354,16 +211,6 @@ def _hospital_keys(cfg: Any, out_dir: Path, pki_dir: Any, kw: dict) -> Path:
     return target
 
 
-def _site_channel(server: str, site: int, pki_dir: Any, insecure: bool) -> grpc.Channel:
-    if pki_dir is None:
-        return make_channel(server, insecure=insecure)
-    sp = site_paths(pki_dir, site_name(site)) if (Path(pki_dir) / "manifest.json").exists() else site_paths(pki_dir)
-    if sp.site != site_name(site):
-        raise ValueError(f"{pki_dir} holds the credentials of {sp.site}, not {site_name(site)}")
-    creds = None if insecure else channel_credentials(sp.ca_cert, sp.cert, sp.key)
-    return make_channel(server, creds, insecure=insecure, site=sp.site, token=read_token(sp.token))
-
-
 def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: bool, out_dir: Any, **kw: Any) -> None:
     """Hospital ``site`` of a split run whose head is served at ``server``; returns when the run is over.
 
@@ -391,7 +238,7 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
     run_dir = out_dir  # SplitRunner reads <out>/keys/consortium.secret
     site_cfg = copy.deepcopy(cfg)
     site_cfg.split.transcript = False  # the transcript is the server's view: recorded by run_split_server
-    channel = _site_channel(server, site, pki_dir, insecure)
+    channel = site_channel(server, site, pki_dir, insecure)
     reconnect_s = float(kw.get("reconnect_timeout_s", 300.0))
     first = True
     try:

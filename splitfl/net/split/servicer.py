@@ -23,6 +23,7 @@ from splitfl.artifacts import write_bytes
 from splitfl.he import HEError
 from splitfl.he.encrypted_head import FullHeadLayout
 from splitfl.he.keys import context_fingerprint, engine_for, load_public_context
+from splitfl.he.parallel import CKKSWorkers, resolve_workers
 from splitfl.net import (
     DEFAULT_CHUNK_SIZE,
     STATUS_METHODS,
@@ -156,11 +157,11 @@ class SplitServicer(pbg.SplitServiceServicer):
         ctx = load_public_context(data)  # refuses a context that can decrypt
         eng = engine_for(ctx)
         lin = self.layers[0]
-        layout = FullHeadLayout(lin.in_features, lin.out_features, self.cfg.train.batch_size, eng.slots)
-        if eng.levels < 2:
-            raise HEError(f"the context has {eng.levels} rescaling level(s); split-he-full needs two (preset full)")
-        if not ctx.has_relin_keys() or (layout.rotation_steps() and not ctx.has_galois_keys()):
-            raise HEError("split-he-full needs relinearisation and batch-sum Galois keys in the public context "
+        FullHeadLayout(lin.in_features, lin.out_features, self.cfg.train.batch_size, eng.slots)  # batch fits the slots
+        if eng.levels < 1:
+            raise HEError("the context has no rescaling level; split-he-full rescales each product once (preset full)")
+        if not ctx.has_relin_keys():
+            raise HEError("split-he-full needs relinearisation keys in the public context "
                           "(splitfl.he.encrypted_head.full_public_context_bytes)")
         return eng.slots, _fp_bytes(context_fingerprint(ctx))
 
@@ -316,6 +317,9 @@ class SplitServicer(pbg.SplitServiceServicer):
                                  "the context's fingerprint differs from the announced one")
                 if srv.has_secret_key():  # load_public_context already refuses; belt and braces
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_CODE_BAD_PAYLOAD, "context holds a secret key")
+                n = resolve_workers(self.cfg.split.he_workers)
+                if n > 1:  # the server's CKKS processes, holding the public context it was just given
+                    srv.workers = self._run(lambda: CKKSWorkers(srv.context, n))
                 self.server, self.context_fp = srv, fp
                 self._write_public_context(data)
             elif first.meta.context_fingerprint != self.context_fp:
