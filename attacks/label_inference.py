@@ -18,7 +18,7 @@ cross-entropy is, for every sample ``i`` of a batch of ``B``::
   With the hospitals' DP on the head update (``split.dp_*``) the clipping and noise blur the counts.
 * ``split-he-full``: the server can still craft its head, replacing ``enc(W)`` by a public-key encryption of
   zero (the hospitals cannot tell), but every message is a ciphertext and no aggregate is in plaintext: the
-  keyless reading of ``enc(lr G)`` is all it has.
+  keyless reading of ``enc(B G)`` (or, with a frozen encoder, of the encrypted update) is all it has.
 
 Scores (:func:`run_label_inference`): per-sample accuracy against the majority-class rate (the accuracy of
 always guessing the most frequent class), with an exact one-sided binomial p-value, and the share of
@@ -157,7 +157,7 @@ class LabelServer(SplitServer):
 
 
 class LabelFullServer(FullSplitServer):
-    """split-he-full: ``enc(W)`` replaced by public-key encryptions of zero, kept so; reads ``enc(lr G)`` keylessly."""
+    """split-he-full: ``enc(W)`` replaced by public-key encryptions of zero, kept so; reads ``enc(B G)`` keylessly."""
 
     def __init__(self, settings: LabelSettings, public_context: bytes, in_features: int, num_classes: int,
                  batch_capacity: int, initial_weights: bytes, refresh_every: int,

@@ -37,6 +37,7 @@ The attacker side reads only the transcript and the auxiliary data; the ground t
 from __future__ import annotations
 
 import math
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -129,14 +130,16 @@ class KeylessReader:
         slots = self._full_slots(payload, lay.n_blocks, "activation")
         return torch.from_numpy(lay.unpack_activation_grads(slots, lay.batch_size)).float()
 
-    def full_logit_grads(self, payload: bytes, meta: dict[str, Any], input_grad: bool) -> torch.Tensor:
+    def full_logit_grads(self, payload: bytes, meta: dict[str, Any], input_grad: bool | None = None) -> torch.Tensor:
         """split-he-full: (batch capacity, num_classes) read at each sample's first feature slot.
 
-        With ``input_grad`` the message opens with ``enc(lr G)`` (class pairs as real and minus imaginary
+        With ``input_grad`` the message opens with ``enc(B G)`` (class pairs as real and minus imaginary
         parts); without it, it holds the batch's update alone, whose first ciphertexts are read the same way
-        (a per-sample label is not in it even in plaintext).
+        (a per-sample label is not in it even in plaintext). ``None``: told by the message's ciphertext count.
         """
         lay = self.full_layout(meta)
+        if input_grad is None:
+            input_grad = len(payload) >= 8 and struct.unpack_from("<I", payload, 4)[0] == lay.backward_count(True)
         cts = [self.engine.load_ciphertext(c, f"backward ciphertext #{i}")
                for i, c in enumerate(unpack_ciphertexts(payload, lay.backward_count(input_grad), "backward message"))]
         slots = np.stack([ciphertext_slots_readout(ct, self.engine, self.decryptor) for ct in cts[: lay.pairs]])

@@ -17,7 +17,7 @@ FED_KEYS = {"sites", "round_s", "updates_submitted", "server_rss_mb_peak", "byte
 def test_clinic_load_tiny(tmp_path, capsys):
     out = tmp_path / "clinic.json"
     main(["--hospitals", "3", "--rounds", "2", "--batch", "16", "--n-val", "16", "--model", "test_resnet",
-          "--fed-sites", "3", "--client-procs", "1", "--sample-s", "0.1", "--timeout", "120", "--no-progress",
+          "--fed-sites", "3", "--client-procs", "1", "--min-steps", "0", "--sample-s", "0.1", "--timeout", "120", "--no-progress",
           "--json", str(out)])
     assert "FedAvg+HE round" in capsys.readouterr().out
     r = json.loads(out.read_text())

@@ -82,11 +82,18 @@ __all__ = ["fit_line", "format_table", "main", "run_benchmark"]
 # ----------------------------------------------------------------------------- configurations
 
 
+def rounds_for(args: argparse.Namespace, n: int) -> int:
+    """Steps per hospital at N: ``--rounds``, or more so that every N times at least ``--min-steps`` steps
+    (a p95 over 24 steps is the second-slowest step, too noisy to compare N against)."""
+    return max(args.rounds, math.ceil(args.min_steps / n))
+
+
 def split_config(args: argparse.Namespace, n: int) -> RunConfig:
     """split-he, N IID sites of exactly ``rounds * batch`` synthetic images, frozen encoder (a linear probe)."""
     return RunConfig(
         regime="split-he", seed=args.seed,
-        data=DataConfig(source="synthetic", modality="xray", n_train=n * args.rounds * args.batch, n_val=args.n_val,
+        data=DataConfig(source="synthetic", modality="xray", n_train=n * rounds_for(args, n) * args.batch,
+                        n_val=args.n_val,
                         n_test=args.n_val, size=args.size, partition=PartitionConfig(scheme="iid", num_sites=n, min_site_size=1)),
         model=ModelConfig(name=args.model, freeze_encoder=True),
         train=TrainConfig(epochs=1, batch_size=args.batch, scheduler="none", progress=False, accelerator="cpu"),
@@ -255,7 +262,7 @@ def _split_row(args: argparse.Namespace, n: int, raw: dict[str, Any], facts: dic
         "bytes_down": sum(h["bytes_down"] for h in raw["hospitals"]),
         **_errors(raw, n),
     }
-    row["expected_steps"] = n * args.rounds
+    row["expected_steps"] = n * rounds_for(args, n)
     if row["steps"] != row["expected_steps"]:
         row["errors"] += 1
     return row
@@ -274,7 +281,7 @@ def run_split(args: argparse.Namespace, root: Path, bar: Any) -> tuple[list[dict
         served = _as_served(cfg)
         fp = config_fingerprint(served)
         spec = {**facts, "fingerprint": fp.hex(), "run_id": f"split-{fp.hex()[:16]}", "mode": "split", "pki": str(pki),
-                "rounds": args.rounds, "batch": args.batch, "poll_ms": args.poll_ms, "context_uploader": 0,
+                "rounds": rounds_for(args, n), "batch": args.batch, "poll_ms": args.poll_ms, "context_uploader": 0,
                 "eval_batches": math.ceil(args.n_val / args.batch), "connect_timeout_s": 120.0,
                 "stagger_s": args.stagger_s, "timeout_s": args.timeout}
         spec.pop("bytes")
@@ -399,7 +406,7 @@ def format_table(r: dict[str, Any]) -> str:
             f"{'steps/s':>7s} {'RSS MB':>7s} {'peak MB':>7s} {'threads':>7s} {'conns':>5s} {'CPU':>5s} {'join s':>6s} {'errors':>6s}")
     lines = [f"split-he, one server process, N lightweight hospitals (mutual TLS, one connection each); {c['model']} "
              f"(frozen) head {s.get('feature_dim')}->{s.get('num_classes')}, batch {c['batch']}, {c['rounds']} steps per "
-             f"hospital, CKKS {c['preset']!r}; enc(activations) {s.get('bytes', {}).get('forward', 0) / 1e6:.2f} MB a step",
+             f"hospital (at least {c['min_steps']} steps per N), CKKS {c['preset']!r}; enc(activations) {s.get('bytes', {}).get('forward', 0) / 1e6:.2f} MB a step",
              head, "-" * len(head)]
     for row in s["rows"]:
         lines.append(
@@ -439,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hospitals", type=int, nargs="*", default=[8, 32, 128, 256], help="numbers of hospitals N (none: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="steps per hospital (batches in its epoch)")
+    parser.add_argument("--min-steps", type=int, default=256,
+                        help="at least this many steps per N (smaller N: more steps per hospital)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=28, help="image size (pixels; the server's data only)")
     parser.add_argument("--n-val", type=int, default=64, help="validation and test images (evaluated through the HE head)")
@@ -448,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fed-model", default="test_resnet", help="FedAvg model (fixes the update's size)")
     parser.add_argument("--fed-samples", type=int, default=16, help="images per FedAvg site")
     parser.add_argument("--client-procs", type=int, default=4, help="client processes the hospitals are spread over")
-    parser.add_argument("--poll-ms", type=int, default=2000, help="GetTurn long-poll (as run_split_site's default)")
+    parser.add_argument("--poll-ms", type=int, default=10_000, help="GetTurn long-poll (as run_split_site's default)")
     parser.add_argument("--stagger-s", type=float, default=0.01, help="seconds between hospital starts in a process")
     parser.add_argument("--turn-timeout", type=float, default=120.0, help="seconds a silent hospital holds its turn")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for one run")

@@ -87,7 +87,11 @@ class Coordinator:
                  join_timeout_s: float = 600.0, eval_timeout_s: float = 600.0) -> None:
         self.num_sites, self.relay, self.close_on = num_sites, relay, close_on
         self.turn_timeout_s, self.join_timeout_s, self.eval_timeout_s = turn_timeout_s, join_timeout_s, eval_timeout_s
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # the server's loops wait on it; handlers change state under its lock
+        # Each hospital's GetTurn waits on its own condition (same lock), woken for its own turn or for what
+        # concerns every hospital (an epoch, the end): a grant wakes one handler, not all N of them.
+        self._site_conds: dict[int, threading.Condition] = {}
+        self._waiting: dict[int, int] = {}  # GetTurn calls open per hospital
         self.phase = "starting"  # train | between | done
         self.epoch = 0
         self.counts: dict[int, int] = {}
@@ -118,6 +122,19 @@ class Coordinator:
     def seen(self, site: int) -> None:
         self.last_seen[site] = time.monotonic()
 
+    def _site_cond(self, site: int) -> threading.Condition:
+        cond = self._site_conds.get(site)
+        if cond is None:
+            cond = self._site_conds[site] = threading.Condition(self.cond._lock)  # type: ignore[attr-defined]
+        return cond
+
+    def _wake(self, site: Optional[int] = None) -> None:
+        """Wake the server's loops and the GetTurn of ``site`` (None: of every hospital); under self.cond."""
+        self.cond.notify_all()
+        for s, cond in self._site_conds.items():
+            if site is None or s == site:
+                cond.notify_all()
+
     def require_step(self, site: int, step: int) -> None:
         if self.open_step is None or self.open_step != (step, site):
             holder = f"step {self.open_step[0]} held by {site_name(self.open_step[1])}" if self.open_step else "no open step"
@@ -132,13 +149,18 @@ class Coordinator:
 
     def turn(self, site: int, epoch: int, batches_left: int, max_wait_ms: int) -> Any:
         deadline = time.monotonic() + min(max_wait_ms, 30_000) / 1000
-        while True:
+        self._waiting[site] = self._waiting.get(site, 0) + 1  # a hospital waiting in GetTurn is not silent
+        try:
+            while True:
+                self.seen(site)
+                r = self._turn_once(site, epoch, batches_left)
+                if r is not None or time.monotonic() >= deadline:
+                    return r or pb.GetTurnResponse(state=pb.TURN_STATE_WAIT, epoch=self.epoch, retry_after_ms=200,
+                                                   relay_version=self.relay_version)
+                self._site_cond(site).wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            self._waiting[site] -= 1
             self.seen(site)
-            r = self._turn_once(site, epoch, batches_left)
-            if r is not None or time.monotonic() >= deadline:
-                return r or pb.GetTurnResponse(state=pb.TURN_STATE_WAIT, epoch=self.epoch, retry_after_ms=200,
-                                               relay_version=self.relay_version)
-            self.cond.wait(max(0.0, min(0.5, deadline - time.monotonic())))
 
     def _turn_once(self, site: int, epoch: int, batches_left: int) -> Any:
         base = {"epoch": self.epoch, "relay_version": self.relay_version}
@@ -194,6 +216,8 @@ class Coordinator:
             self.step_times[-1].update(closed=time.time(), outcome=outcome)
 
     def _stale(self, site: int, timeout: float) -> bool:
+        if self._waiting.get(site, 0) > 0:  # its GetTurn is open: it is there, waiting to be woken
+            return False
         return time.monotonic() - self.last_seen.get(site, 0.0) > timeout
 
     def run_epoch(self, epoch: int) -> tuple[float, int, list[int]]:
@@ -207,7 +231,7 @@ class Coordinator:
             self.phase, self.epoch = "train", epoch
             self.counts, self.skipped, self.ended = {}, set(), {}
             self.open_step, self.last_site = None, -1
-            self.cond.notify_all()
+            self._wake()
             started = time.monotonic()
             deadline = started + self.join_timeout_s
             while len(self.counts) < self.num_sites and time.monotonic() < deadline:
@@ -238,7 +262,7 @@ class Coordinator:
                     self.step_times.append({"epoch": epoch, "step": self.open_step[0], "site": nxt,
                                             "granted": time.time(), "closed": None, "outcome": "open", "server_s": 0.0})
                     self.last_seen.setdefault(nxt, time.monotonic())
-                    self.cond.notify_all()
+                    self._wake(nxt)
                 else:
                     holder = self.open_step[1]
                     if self._stale(holder, self.turn_timeout_s):
@@ -256,7 +280,7 @@ class Coordinator:
                         self.skipped.add(s)
                 self.cond.wait(0.2)
             self.phase = "between"
-            self.cond.notify_all()
+            self._wake()
             loss = sum(v[0] for v in self.ended.values())
             samples = sum(v[1] for v in self.ended.values())
             if samples == 0:
@@ -271,7 +295,7 @@ class Coordinator:
         """Close an epoch that will not run (under self.cond): no turn is granted, hospitals wait."""
         self.phase = "between"
         self.open_step = None
-        self.cond.notify_all()
+        self._wake()
 
     def _next_site(self) -> Optional[int]:
         for k in range(1, self.num_sites + 1):
@@ -294,7 +318,7 @@ class Coordinator:
                 ev = _Eval(self.next_eval, split, live[0], time.monotonic(), info=info)
                 self.next_eval += 1
                 self.eval = ev
-                self.cond.notify_all()
+                self._wake(ev.site)
                 while ev.result is None and time.monotonic() - ev.asked < self.eval_timeout_s:
                     self.cond.wait(0.2)
                 self.eval = None
@@ -313,7 +337,7 @@ class Coordinator:
     def finish(self, grace_s: float) -> None:
         with self.cond:
             self.phase = "done"
-            self.cond.notify_all()
+            self._wake()
             deadline = time.monotonic() + grace_s
             while len(self.done_seen) < self.num_sites and time.monotonic() < deadline:
                 self.cond.wait(0.2)

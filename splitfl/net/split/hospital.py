@@ -220,7 +220,7 @@ def run_split_site(cfg: Any, site: int, server: str, pki_dir: Any, insecure: boo
     folder, the ``keys`` file, ``<pki_dir>/``, ``<pki_dir>/keys/`` or the PKI root above a ``sites/<site>``
     folder (see :func:`_hospital_keys`). Keywords: ``run_id`` (as the server's), ``connect_timeout_s``
     (alias ``connect_timeout``; 120), ``reconnect_timeout_s`` (300: how long to wait for a server
-    that went away to come back, e.g. restarted to resume from its checkpoint), ``poll_ms`` (2000). Make the
+    that went away to come back, e.g. restarted to resume from its checkpoint), ``poll_ms`` (10000). Make the
     shared key file first with :func:`ensure_consortium_keys` (two hospitals making it at once would make two
     different keys; the server then refuses one of them at Hello).
     """
@@ -300,7 +300,7 @@ def _site_loop(cfg: Any, site: int, client: RemoteSplitServer, runner: Any, spli
     sealer = RelaySealer(relay_key_material(keys_dir, runner.he or runner.full), run_id, fp) if relay else None
     my_version, sched_epochs = 0, 0
     head_epochs = 0  # split-he-full: epochs the hospitals' schedule of the encrypted head's lr has stepped here
-    poll = int(kw.get("poll_ms", 2000))
+    poll = int(kw.get("poll_ms", 10_000))  # a long poll costs the server nothing: it wakes this hospital's call only
     position_file = keys_dir.parent / POSITION_FILE  # <out>/split_position.json
     saved = _read_position(position_file, run_id)
 
