@@ -359,11 +359,20 @@ def attack_split(run_dir: Any, settings: Any, data: Any, transcript: Optional[Tr
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> Optional[float]:
-    """ROC AUC of ``scores`` for the ``positive`` flags (torchmetrics), None where one class is absent."""
+    """ROC AUC of ``scores`` for the ``positive`` flags (torchmetrics), None where one class is absent.
+
+    The scores go in as their average ranks scaled to [0, 1]: AUC depends on the order alone, and
+    torchmetrics passes scores outside [0, 1] through a sigmoid, which saturates (every ciphertext read
+    without the key has norms ~1e22, all of which would tie at 1.0 and score exactly 0.5).
+    """
     if len(scores) < 2 or positive.all() or not positive.any():
         return None
-    finite = torch.from_numpy(np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)).double()
-    return float(binary_auroc(finite, torch.from_numpy(positive.astype(np.int64))))
+    finite = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    _, tie, counts = np.unique(finite, return_inverse=True, return_counts=True)
+    order = np.empty(len(finite))
+    order[np.argsort(finite, kind="stable")] = np.arange(len(finite))
+    ranks = np.bincount(tie, weights=order)[tie] / counts[tie]  # ties share their average rank
+    return float(binary_auroc(torch.from_numpy(ranks / (len(finite) - 1)), torch.from_numpy(positive.astype(np.int64))))
 
 
 def label_attack_scores(grads: torch.Tensor, reference: int) -> tuple[np.ndarray, np.ndarray]:
