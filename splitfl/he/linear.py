@@ -16,7 +16,6 @@ only read, so a rejected message changes nothing on the server.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -90,6 +89,15 @@ def check_result(eng: SealEngine, ct: sa.Ciphertext, what: str) -> None:
     check_ciphertext(eng, ct, eng.next_parms_id, what, "a result after one rescale")
 
 
+def rescaled_sum(ev: sa.Evaluator, pairs: Iterable[tuple[sa.Ciphertext, Optional[sa.Plaintext]]]
+                 ) -> Optional[sa.Ciphertext]:
+    """:func:`sum_of_products` rescaled once; None when no term is left (the caller decides what that becomes)."""
+    acc = sum_of_products(ev, pairs)
+    if acc is not None:
+        ev.rescale_to_next_inplace(acc)
+    return acc
+
+
 def load_ciphertexts(eng: SealEngine, enc: EncryptedBatch, parms_id: list, stage: str) -> list[sa.Ciphertext]:
     """Parse every ciphertext of a batch, refusing any at another level or scale than ``stage`` expects."""
     cts = []
@@ -135,13 +143,7 @@ def _forward_part(eng: SealEngine, cache: OrderedDict, layout: PackedLayout, w: 
     """The logits ciphertexts of ``classes``: sum over blocks of x_c * W_kc, rescaled (None where no term is left)."""
     cts = _load_fresh(eng, payloads, "activations")
     plains = _weight_plains(eng, cache, layout, w, classes)
-    out: list[Optional[bytes]] = []
-    for per_class in plains:
-        acc = sum_of_products(eng.evaluator, zip(cts, per_class))
-        if acc is not None:
-            eng.evaluator.rescale_to_next_inplace(acc)
-        out.append(None if acc is None else eng.save(acc))
-    return out
+    return [_saved(eng, rescaled_sum(eng.evaluator, zip(cts, per_class))) for per_class in plains]
 
 
 def _backward_part(eng: SealEngine, cache: OrderedDict, layout: PackedLayout, w: np.ndarray, classes: range,
@@ -149,13 +151,12 @@ def _backward_part(eng: SealEngine, cache: OrderedDict, layout: PackedLayout, w:
     """Every block's partial G @ W over ``classes``: sum over them of G_k * W_kc, rescaled (None: no term)."""
     cts = _load_fresh(eng, payloads, "logit_grads")
     plains = _weight_plains(eng, cache, layout, w, classes)
-    out: list[Optional[bytes]] = []
-    for c in range(layout.n_blocks):
-        acc = sum_of_products(eng.evaluator, zip(cts, [per_class[c] for per_class in plains]))
-        if acc is not None:
-            eng.evaluator.rescale_to_next_inplace(acc)
-        out.append(None if acc is None else eng.save(acc))
-    return out
+    return [_saved(eng, rescaled_sum(eng.evaluator, zip(cts, [per_class[c] for per_class in plains])))
+            for c in range(layout.n_blocks)]
+
+
+def _saved(eng: SealEngine, ct: Optional[sa.Ciphertext]) -> Optional[bytes]:
+    return None if ct is None else eng.save(ct)
 
 
 class PackedLinearHE:
@@ -423,14 +424,11 @@ class PackedLinearHE:
         weights too small to survive the encoding (|w| < 2^-41); an output with
         no term left is a fresh public-key encryption of zero.
         """
-        ev = eng.evaluator
-        acc = sum_of_products(ev, zip(cts, plains))
+        acc = rescaled_sum(eng.evaluator, zip(cts, plains))
         if acc is None:
             acc = eng.encrypt_zero(eng.next_parms_id, eng.scale)
-        else:
-            ev.rescale_to_next_inplace(acc)
         if bias is not None:
-            ev.add_plain_inplace(acc, bias)
+            eng.evaluator.add_plain_inplace(acc, bias)
         return acc
 
     @staticmethod
@@ -453,7 +451,7 @@ class PackedLinearHE:
 
     def _encoded(self, eng: SealEngine, w: np.ndarray) -> _Encoded:
         """Weight plaintexts for this version, from the cache or encoded now (scale = the prime the rescale drops)."""
-        key = (id(eng), eng.fingerprint, hashlib.sha256(w.tobytes()).digest())
+        key = (id(eng), eng.fingerprint, digest(w))
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -478,7 +476,7 @@ class PackedLinearHE:
         return enc
 
     def _bias(self, eng: SealEngine, b: np.ndarray) -> list[Optional[sa.Plaintext]]:
-        key = (id(eng), eng.fingerprint, hashlib.sha256(b.tobytes()).digest())
+        key = (id(eng), eng.fingerprint, digest(b))
         with self._lock:
             hit = self._bias_cache.get(key)
             if hit is not None:

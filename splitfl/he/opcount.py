@@ -57,7 +57,7 @@ class OpKey:
 class _Proxy:
     """Forwards every attribute to a SEAL object; the methods named in ``table`` are counted first."""
 
-    def __init__(self, target: Any, record: Callable[[str, str, tuple], None], table: dict[str, str]) -> None:
+    def __init__(self, target: Any, record: Callable[[str, tuple], None], table: dict[str, str]) -> None:
         self._target, self._record, self._table = target, record, table
 
     def __getattr__(self, name: str) -> Any:
@@ -67,7 +67,7 @@ class _Proxy:
             return attr
 
         def counted(*args: Any) -> Any:
-            self._record(primitive, name, args)
+            self._record(primitive, args)
             return attr(*args)
 
         return counted
@@ -87,7 +87,7 @@ class OpCounter:
     def _level(eng: SealEngine, obj: Any) -> int:
         return eng.context.get_context_data(obj.parms_id()).chain_index()
 
-    def _record(self, eng: SealEngine, primitive: str, method: str, args: tuple) -> None:
+    def _record(self, eng: SealEngine, primitive: str, args: tuple) -> None:
         if primitive == "encode":  # encode(values, [parms_id,] scale, plain)
             level = self._level_of_parms(eng, args[1]) if len(args) == 4 else eng.levels
             self.counts[OpKey("encode", level, 0)] += 1
@@ -109,8 +109,8 @@ class OpCounter:
                                                         "_zero_encryptor")}
         self._saved.append((eng, saved))
 
-        def rec(primitive: str, method: str, args: tuple) -> None:
-            self._record(eng, primitive, method, args)
+        def rec(primitive: str, args: tuple) -> None:
+            self._record(eng, primitive, args)
 
         eng.evaluator = _Proxy(saved["evaluator"], rec, _EVALUATOR)  # type: ignore[assignment]
         eng.encoder = _Proxy(saved["encoder"], rec, {"encode": "encode", "decode_complex": "decode"})  # type: ignore

@@ -87,7 +87,8 @@ class Coordinator:
                  join_timeout_s: float = 600.0, eval_timeout_s: float = 600.0) -> None:
         self.num_sites, self.relay, self.close_on = num_sites, relay, close_on
         self.turn_timeout_s, self.join_timeout_s, self.eval_timeout_s = turn_timeout_s, join_timeout_s, eval_timeout_s
-        self.cond = threading.Condition()  # the server's loops wait on it; handlers change state under its lock
+        self._lock = threading.RLock()  # one lock for all the state; the conditions below share it
+        self.cond = threading.Condition(self._lock)  # the server's loops wait on it
         # Each hospital's GetTurn waits on its own condition (same lock), woken for its own turn or for what
         # concerns every hospital (an epoch, the end): a grant wakes one handler, not all N of them.
         self._site_conds: dict[int, threading.Condition] = {}
@@ -125,7 +126,7 @@ class Coordinator:
     def _site_cond(self, site: int) -> threading.Condition:
         cond = self._site_conds.get(site)
         if cond is None:
-            cond = self._site_conds[site] = threading.Condition(self.cond._lock)  # type: ignore[attr-defined]
+            cond = self._site_conds[site] = threading.Condition(self._lock)
         return cond
 
     def _wake(self, site: Optional[int] = None) -> None:
